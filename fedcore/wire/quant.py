@@ -1,0 +1,115 @@
+"""Element encodings: a 1-D float slice <-> (payload bytes, scales bytes).
+
+Pure tensor arithmetic, no framing. INT8 is blockwise absmax (error at most
+absmax/254 per block); NF4 is the 4-bit NormalFloat code of QLoRA (Dettmers
+et al. 2023), blockwise absmax, two codes a byte, low nibble first.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from fedtune.v1 import fedtune_pb2 as pb
+
+from .formats import WireError
+
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+], dtype=torch.float32)
+_NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+
+
+def as_tensor(buf: bytes, dtype: torch.dtype) -> torch.Tensor:
+    """A read-only view of buf as a 1-D tensor (no copy)."""
+    if len(buf) == 0:
+        return torch.empty(0, dtype=dtype)
+    with warnings.catch_warnings():
+        # The view is only read (copied into its destination), never written.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=dtype)
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Bytes of a contiguous CPU tensor in its own dtype."""
+    t = t.contiguous()
+    if t.dtype == torch.bool:
+        return t.numpy().tobytes()
+    return t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    n = x.numel()
+    pad = (-n) % block_size
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(-1, block_size)
+
+
+def _absmax_scales(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks.abs().amax(dim=1)
+
+
+def encode(x: torch.Tensor, encoding: int, block_size: int) -> tuple[bytes, bytes]:
+    """Encode a 1-D slice. Float encodings take any float dtype; RAW keeps x's dtype."""
+    if encoding == pb.RAW:
+        return tensor_bytes(x), b""
+    if encoding == pb.FP32:
+        return tensor_bytes(x.to(torch.float32)), b""
+    if encoding == pb.FP16:
+        return tensor_bytes(x.to(torch.float16)), b""
+    if encoding == pb.BF16:
+        return tensor_bytes(x.to(torch.bfloat16)), b""
+    x = x.to(torch.float32)
+    n = x.numel()
+    blocks = _blocks(x, block_size)
+    absmax = _absmax_scales(blocks)
+    if encoding == pb.INT8:
+        scale = absmax / 127.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        return q.view(-1)[:n].numpy().tobytes(), scale.numpy().tobytes()
+    if encoding == pb.NF4:
+        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        idx = torch.bucketize(blocks / safe[:, None], _NF4_MIDPOINTS).to(torch.uint8).view(-1)[:n]
+        if n % 2:
+            idx = torch.nn.functional.pad(idx, (0, 1))
+        packed = idx[0::2] | (idx[1::2] << 4)
+        return packed.numpy().tobytes(), absmax.numpy().tobytes()
+    raise WireError("encoding", f"unknown encoding {encoding}")
+
+
+def decode(payload: bytes, scales: bytes, encoding: int, dtype: torch.dtype, count: int,
+           block_size: int) -> torch.Tensor:
+    """Decode to a 1-D tensor of `count` elements (fp32 for quantized codes).
+
+    The result may be a read-only view of payload: copy it before keeping it.
+    """
+    if encoding == pb.RAW:
+        if dtype == torch.bool:
+            return torch.from_numpy(np.frombuffer(payload, dtype=np.bool_).copy())
+        return as_tensor(payload, dtype)
+    if encoding == pb.FP32:
+        return as_tensor(payload, torch.float32)
+    if encoding == pb.FP16:
+        return as_tensor(payload, torch.float16)
+    if encoding == pb.BF16:
+        return as_tensor(payload, torch.bfloat16)
+    scale = as_tensor(scales, torch.float32)
+    nblocks = scale.numel()
+    if encoding == pb.INT8:
+        q = as_tensor(payload, torch.int8).to(torch.float32)
+    elif encoding == pb.NF4:
+        packed = as_tensor(payload, torch.uint8)
+        idx = torch.stack([packed & 0x0F, packed >> 4], dim=1).view(-1)[:count].long()
+        q = NF4_LEVELS[idx]
+    else:
+        raise WireError("encoding", f"unknown encoding {encoding}")
+    pad = nblocks * block_size - count
+    if pad:
+        q = torch.nn.functional.pad(q, (0, pad))
+    return (q.view(nblocks, block_size) * scale[:, None]).view(-1)[:count]
