@@ -1,0 +1,1 @@
+"""The coordinator: gRPC service, round orchestration, aggregation, storage, CLI."""
