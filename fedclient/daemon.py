@@ -1,0 +1,196 @@
+"""The device daemon: dial out, join, take work, download, fine-tune, upload, report, repeat."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import psutil
+import torch
+
+import fedcore
+from fedcore.data import Example, dirichlet_partition, load_corpus
+from fedcore.models import load_tokenizer, model_from_config_json, pick_device
+from fedcore.wire import ENCODINGS, CODECS, TransferSpec, codec_name, encoding_name
+from fedserver.service import CHANNEL_OPTIONS  # the one place channel limits are set
+from fedtune.v1 import fedtune_pb2 as pb
+from fedtune.v1 import fedtune_pb2_grpc as pbg
+
+from .config import ClientConfig
+from .trainer import TrainSettings, train_local
+from .transfer import download, upload
+
+log = logging.getLogger("fedclient")
+
+
+def local_examples(cfg: ClientConfig) -> list[Example]:
+    """This device's training data: its file, or its Dirichlet share of the built-in corpus."""
+    examples = load_corpus(cfg.data, cfg.data_size, cfg.data_seed)
+    if cfg.partitions:
+        parts = dirichlet_partition(len(examples), cfg.partitions, cfg.alpha, cfg.data_seed,
+                                    labels=[e.topic for e in examples])
+        examples = [examples[i] for i in parts[cfg.partition]]
+    if not examples:
+        raise ValueError(f"device {cfg.device_id} has no training examples")
+    return examples
+
+
+@dataclass
+class Daemon:
+    cfg: ClientConfig
+    examples: list[Example] = field(default_factory=list)
+    rounds_done: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cfg.threads > 0:
+            torch.set_num_threads(self.cfg.threads)
+        if not self.examples:
+            self.examples = local_examples(self.cfg)
+        self.device = pick_device(self.cfg.device)
+        self.tokenizer = load_tokenizer(self.cfg.weights_dir)
+        self.model: torch.nn.Module | None = None
+        self.model_config = ""
+        self.base: dict[str, torch.Tensor] | None = None  # the global model as downloaded
+        self.base_version = ""
+        self.session_id = ""
+        self._stop = False
+        log.info("device %s: %d local examples, torch device %s", self.cfg.device_id, len(self.examples), self.device)
+
+    # ------------------------------------------------------------ helpers
+    def _backoff(self, attempt: int) -> None:
+        # Exponential with full jitter, so a fleet that lost the server together
+        # does not come back in lockstep.
+        cap = min(self.cfg.retry_max_s, self.cfg.retry_initial_s * (2 ** min(attempt, 16)))
+        time.sleep(random.uniform(self.cfg.retry_initial_s / 2, cap))
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _capabilities(self) -> pb.Capabilities:
+        accel = f"cuda:{torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else "cpu"
+        return pb.Capabilities(accelerator=accel, memory_bytes=psutil.virtual_memory().total,
+                               software_version=fedcore.__version__, encodings=list(ENCODINGS.values()),
+                               codecs=list(CODECS.values()), cpu_count=os.cpu_count() or 1)
+
+    # --------------------------------------------------------------- loop
+    def run(self) -> int:
+        """Serve rounds until the server says the run is over; returns an exit code."""
+        attempt = 0
+        while not self._stop:
+            try:
+                with grpc.insecure_channel(self.cfg.server, options=CHANNEL_OPTIONS) as channel:
+                    stub = pbg.FederationStub(channel)
+                    self._join(stub)
+                    attempt = 0
+                    if self._serve(stub) and not self.cfg.stay_after_shutdown:
+                        return 0
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                            grpc.StatusCode.UNAUTHENTICATED):
+                    log.error("server refused this device: %s: %s", code.name, exc.details())  # type: ignore
+                    return 2
+                attempt += 1
+                log.warning("server %s unreachable or lost (%s: %s); retry %d", self.cfg.server, code.name,
+                            exc.details(), attempt)  # type: ignore[attr-defined]
+                self._backoff(attempt)
+        return 0
+
+    def _join(self, stub: pbg.FederationStub) -> None:
+        reply = stub.Join(pb.JoinRequest(device_id=self.cfg.device_id, capabilities=self._capabilities(),
+                                         num_samples=len(self.examples), cached_version=self.base_version),
+                          timeout=30, wait_for_ready=True)
+        self.session_id = reply.session_id
+        if reply.model_config_json != self.model_config:
+            self.model = model_from_config_json(reply.model_config_json)
+            self.model.to(self.device)
+            self.model_config = reply.model_config_json
+            self.base, self.base_version = None, ""
+        log.info("joined %s as %s (model %s, server %s)", self.cfg.server, self.cfg.device_id,
+                 reply.model_preset, reply.server_version)
+
+    def _serve(self, stub: pbg.FederationStub) -> bool:
+        """Poll for work; True when the server ends the run."""
+        while not self._stop:
+            task = stub.GetTask(pb.TaskRequest(device_id=self.cfg.device_id, session_id=self.session_id),
+                                timeout=120)
+            if task.kind == pb.Task.SHUTDOWN:
+                log.info("server ended the run after round %d", task.round)
+                return True
+            if task.kind == pb.Task.TRAIN:
+                self._round(stub, task)
+            elif task.retry_after_ms:
+                time.sleep(task.retry_after_ms / 1000)
+        return False
+
+    def _round(self, stub: pbg.FederationStub, task: pb.Task) -> None:
+        assert self.model is not None
+        log.info("round %d: task %s, model %s", task.round, task.task_id[:8], task.model_version[7:19])
+        cached = self.base is not None and self.base_version == task.model_version
+        t_down, bytes_down = 0.0, 0
+        if not cached:
+            self.base, self.base_version = None, ""
+            state, dstats = download(stub, self.cfg.device_id, self.session_id, task.model_version, None,
+                                     self.cfg.transfer_retries, self._backoff)
+            self.base, self.base_version = state, task.model_version
+            t_down, bytes_down = dstats.seconds, dstats.bytes
+            log.info("round %d: downloaded %.2f MB in %.2f s", task.round, bytes_down / 1e6, t_down)
+        assert self.base is not None
+        self.model.load_state_dict(self.base, strict=True)
+
+        tr = task.training
+        settings = TrainSettings(local_epochs=tr.local_epochs, local_steps=tr.local_steps, batch_size=tr.batch_size,
+                                 learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
+                                 max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
+                                 seed=tr.seed + _stable_hash(self.cfg.device_id))
+        result = train_local(self.model, self.tokenizer, self.examples, settings, self.device)
+        log.info("round %d: %d steps, %d tokens in %.2f s (%.0f tokens/s), loss %.4f", task.round, result.steps,
+                 result.tokens, result.t_comp_s, result.tokens_per_s, result.mean_loss)
+
+        up = task.upload
+        spec = TransferSpec(encoding=encoding_name(up.encoding), codec=codec_name(up.codec),
+                            zstd_level=up.zstd_level or 3, block_size=up.block_size, chunk_elems=up.chunk_elems,
+                            payload="delta" if up.payload == pb.DELTA else "weights")
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if spec.payload == "delta":
+            state = {k: (v - self.base[k]) if v.is_floating_point() else v for k, v in state.items()}
+        header = pb.UploadHeader(device_id=self.cfg.device_id, session_id=self.session_id, task_id=task.task_id,
+                                 round=task.round, base_version=task.model_version, num_samples=result.samples)
+        reply, ustats = upload(stub, header, _retie_like(state, self.model.state_dict()), spec,
+                               self.cfg.transfer_retries, self._backoff)
+        log.info("round %d: uploaded %.2f MB in %.2f s (+%.3f s server ack)", task.round, ustats.bytes / 1e6,
+                 ustats.seconds, ustats.wait_s)
+
+        st = result.step_times
+        stub.ReportMetrics(pb.RoundMetrics(
+            device_id=self.cfg.device_id, session_id=self.session_id, task_id=task.task_id, round=task.round,
+            t_down_s=t_down, t_up_s=ustats.seconds, t_wait_s=ustats.wait_s, t_comp_s=result.t_comp_s,
+            bytes_down=bytes_down, bytes_up=ustats.bytes, tokens=result.tokens, train_loss=result.mean_loss,
+            num_samples=result.samples, download_cached=cached,
+            step_times=pb.StepTimes(batch_loading_s=st.batch_loading_s, forward_s=st.forward_s, loss_s=st.loss_s,
+                                    backward_s=st.backward_s, optimizer_step_s=st.optimizer_step_s,
+                                    steps=st.steps),
+            extra={"tokens_per_s": result.tokens_per_s, "steps": float(result.steps)}), timeout=30)
+        self.rounds_done += 1
+
+
+def _retie_like(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """.cpu()/arithmetic gives tied tensors separate copies; point aliases back at one."""
+    first: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model_state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        out[name] = out[first[key]] if key in first else state[name]
+        first.setdefault(key, name)
+    return out
+
+
+def _stable_hash(text: str) -> int:
+    h = 0
+    for ch in text.encode():
+        h = (h * 131 + ch) % 1_000_003
+    return h

@@ -1,0 +1,111 @@
+"""Assembles a server from its config: model, held-out data, strategy, coordinator, gRPC."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from fedcore.data import load_corpus, train_eval_split
+from fedcore.models import build_model, config_json, get_preset, load_tokenizer, pick_device
+
+from .config import ServerConfig
+from .evaluate import evaluate
+from .rounds import Coordinator, EvalRecord
+from .service import make_server
+from .strategy import make_strategy
+
+log = logging.getLogger("fedserver")
+
+# The built-in corpus is generated, so the server draws its held-out set from
+# a seed no device uses for training data.
+EVAL_CORPUS_SEED = 7919
+
+
+def strategy_from(cfg: ServerConfig):
+    params: dict[str, float] = {}
+    name = cfg.strategy.lower()
+    if cfg.server_lr is not None:
+        params["server_lr"] = cfg.server_lr
+    if name != "fedavg":
+        params.update(beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+    if name == "fedadamw":
+        params["weight_decay"] = cfg.server_weight_decay
+    return make_strategy(name, **params)
+
+
+def make_evaluator(cfg: ServerConfig, model: torch.nn.Module) -> Callable[[Mapping[str, torch.Tensor]], EvalRecord]:
+    tokenizer = load_tokenizer(cfg.weights_dir)
+    if cfg.eval_data == "builtin":
+        examples = load_corpus("builtin", cfg.eval_size, EVAL_CORPUS_SEED)
+    else:
+        _, examples = train_eval_split(load_corpus(cfg.eval_data, 0, cfg.seed), cfg.eval_size, cfg.seed)
+    device = pick_device()
+    lock = threading.Lock()
+
+    def run(state: Mapping[str, torch.Tensor]) -> EvalRecord:
+        with lock:
+            model.load_state_dict(dict(state), strict=True)
+            t0 = time.monotonic()
+            r = evaluate(model, tokenizer, examples, device, batch_size=cfg.eval_batch_size,
+                         max_input_tokens=cfg.max_input_tokens, max_target_tokens=cfg.max_target_tokens)
+            log.info("evaluated %d held-out examples in %.1f s: loss %.4f, ROUGE-L %.2f", r.n,
+                     time.monotonic() - t0, r.loss, r.rougeL)
+            return EvalRecord(r.loss, r.rouge1, r.rouge2, r.rougeL, r.n)
+
+    return run
+
+
+def build_coordinator(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None = None) -> Coordinator:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    preset = get_preset(cfg.preset)
+    model = build_model(preset, cfg.weights_dir, seed=cfg.seed)
+    evaluator = make_evaluator(cfg, model) if cfg.eval_size > 0 else None
+    return Coordinator(cfg, model.state_dict(), strategy_from(cfg), evaluator, preset.name, config_json(model),
+                       on_round)
+
+
+def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None = None,
+          on_ready: Callable[[int], None] | None = None) -> int:
+    """Run the configured rounds behind a gRPC server; returns a process exit code."""
+    coord = build_coordinator(cfg, on_round)
+    server, port, health_servicer = make_server(coord, cfg.listen, cfg.max_workers)
+    server.start()
+    log.info("serving fedtune.v1 on %s (port %d); %d rounds, %d devices a round, model %s", cfg.listen, port,
+             cfg.rounds, cfg.devices_per_round, coord.version[:19])
+    if on_ready:
+        on_ready(port)
+
+    def _signal(signum: int, _frame: Any) -> None:
+        log.warning("signal %d: stopping after the current step", signum)
+        coord.stop()
+
+    old = {s: signal.signal(s, _signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        coord.run()
+    except Exception:
+        log.exception("the round loop failed")
+        code = 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        # Devices learn of the end at their next poll; give them one poll period.
+        _drain(coord, cfg.poll_seconds + 2.0)
+        health_servicer.enter_graceful_shutdown()
+        server.stop(grace=2.0).wait()
+    return code
+
+
+def _drain(coord: Coordinator, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        told = coord.registry.devices.keys() <= coord.told_shutdown
+        if told:
+            return
+        time.sleep(0.2)

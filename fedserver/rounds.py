@@ -1,0 +1,527 @@
+"""The round state machine: sample, dispatch, collect, deadline, aggregate, evaluate, checkpoint.
+
+Knows nothing of gRPC: fedserver.service translates calls and errors. All
+shared state is guarded by one lock; long work (folding an update, evaluating,
+checkpointing) never holds it longer than the fold itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedcore.config import to_dict
+from fedcore.wire import (StateEncoder, StateReceiver, TransferSpec, WireError, codec_name, encoding_name, layout_of,
+                          state_digest, unique_tensors)
+from fedtune.v1 import fedtune_pb2 as pb
+
+from .config import ServerConfig
+from .registry import Device, Registry
+from .storage import CheckpointDir, RoundLog, write_json_atomic
+from .strategy import RunningMean, ServerStrategy
+
+log = logging.getLogger("fedserver.rounds")
+
+OPT_PREFIX = "server_opt/"
+MAX_NUM_SAMPLES = 1 << 40
+
+
+class RoundError(Exception):
+    """A request the round cannot take; `code` names the kind for the service."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # "not_found", "precondition", "permission", "exhausted", "invalid", "aborted"
+
+
+@dataclass
+class Assignment:
+    device_id: str
+    task_id: str
+    num_samples: int = 0
+    status: str = "sampled"  # sampled -> uploading -> aggregated | late
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass
+class RoundState:
+    number: int
+    attempt: int
+    version: str
+    started: float
+    deadline: float
+    assignments: dict[str, Assignment]
+    mean: RunningMean
+    closed: bool = False
+
+    @property
+    def aggregated(self) -> list[Assignment]:
+        return [a for a in self.assignments.values() if a.status == "aggregated"]
+
+
+class UploadSession:
+    """One device's update, staged until every chunk is verified, then folded."""
+
+    def __init__(self, assignment: Assignment, header: pb.UploadHeader, receiver: StateReceiver) -> None:
+        self.assignment = assignment
+        self.header = header
+        self.receiver = receiver
+        self.stream_lock = threading.Lock()
+
+
+@dataclass
+class EvalRecord:
+    loss: float
+    rouge1: float
+    rouge2: float
+    rougeL: float
+    n: int
+
+
+Evaluator = Callable[[Mapping[str, torch.Tensor]], EvalRecord]
+
+
+@dataclass
+class Coordinator:
+    """Runs the rounds; fedserver.service calls the public methods from gRPC threads."""
+
+    cfg: ServerConfig
+    state: dict[str, torch.Tensor]  # the global model, tied tensors under all their names
+    strategy: ServerStrategy
+    evaluator: Evaluator | None = None
+    model_preset: str = ""
+    model_config_json: str = ""
+    on_round: Callable[[dict[str, Any]], None] | None = None
+
+    registry: Registry = field(init=False)
+    version: str = field(init=False)
+    round_no: int = field(init=False, default=0)  # last completed round
+    current: RoundState | None = field(init=False, default=None)
+    finished: bool = field(init=False, default=False)
+    summaries: list[dict[str, Any]] = field(init=False, default_factory=list)
+    told_shutdown: set[str] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Condition()
+        self.registry = Registry(self.cfg.liveness_s)
+        self.out = Path(self.cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointDir(self.out / "checkpoints", keep=self.cfg.checkpoint_keep)
+        self.round_log = RoundLog(self.out / "rounds.jsonl")
+        self.state = clone_state(self.state)
+        self.layout = layout_of(self.state)
+        self.version = state_digest(unique_tensors(self.state))
+        self._encoders: dict[tuple[str, int, int], StateEncoder] = {}
+        self._uploads: dict[str, UploadSession] = {}
+        self._stop = threading.Event()
+        self._resume()
+
+    # ------------------------------------------------------------ model state
+    def _canonical(self) -> dict[str, torch.Tensor]:
+        return {e.name: e.tensor for e in unique_tensors(self.state)}
+
+    def _aliases(self) -> dict[str, list[str]]:
+        return {e.name: e.aliases for e in unique_tensors(self.state)}
+
+    def _set_global(self, canonical: Mapping[str, torch.Tensor], aliases: Mapping[str, list[str]]) -> None:
+        new: dict[str, torch.Tensor] = {}
+        for name, t in canonical.items():
+            new[name] = t
+            for a in aliases.get(name, []):
+                new[a] = t
+        # Keep the state dict's order so manifests and digests are stable.
+        self.state = {k: new[k] for k in self.state}
+        self.version = state_digest(unique_tensors(self.state))
+        self._encoders.clear()
+
+    def _resume(self) -> None:
+        latest = self.checkpoints.load_latest()
+        if latest is None:
+            return
+        rnd, tensors, meta = latest
+        model = {k: v for k, v in tensors.items() if not k.startswith(OPT_PREFIX)}
+        opt = {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
+        missing = set(self.state) - set(model)
+        if missing:
+            raise RuntimeError(f"checkpoint round {rnd} lacks {len(missing)} model tensors, e.g. {sorted(missing)[0]}; "
+                               f"is --out pointing at a run of another preset?")
+        self.state = {k: model[k] for k in self.state}
+        self.version = state_digest(unique_tensors(self.state))
+        if opt:
+            self.strategy.load_state_dict(opt)
+        self.round_no = rnd
+        summary_path = self.out / "summary.json"
+        if summary_path.exists():
+            self.summaries = [s for s in json.loads(summary_path.read_text()).get("rounds", [])
+                              if s.get("round", 0) <= rnd]
+        log.info("resumed from checkpoint of round %d (model %s)", rnd, self.version[:19])
+
+    # ------------------------------------------------------------- devices
+    def join(self, device_id: str, num_samples: int, capabilities: dict[str, Any]) -> Device:
+        if num_samples < 0 or num_samples > MAX_NUM_SAMPLES:
+            raise RoundError("invalid", f"num_samples {num_samples} is out of range")
+        with self.lock:
+            dev = self.registry.join(device_id, num_samples, capabilities)
+            self.lock.notify_all()
+        log.info("device %s joined (%d samples, %s)", device_id, num_samples, capabilities.get("accelerator", "?"))
+        return dev
+
+    def _device(self, device_id: str, session_id: str) -> Device:
+        dev = self.registry.touch(device_id, session_id)
+        if dev is None:
+            raise RoundError("precondition", f"device {device_id!r} has no session {session_id!r} here "
+                                             f"(not joined, or the server restarted): call Join again")
+        return dev
+
+    def next_task(self, device_id: str, session_id: str, timeout: float) -> pb.Task:
+        end = time.monotonic() + timeout
+        with self.lock:
+            while True:
+                self._device(device_id, session_id)
+                if self.finished:
+                    self.told_shutdown.add(device_id)
+                    return pb.Task(kind=pb.Task.SHUTDOWN, round=self.round_no)
+                cur = self.current
+                if cur is not None and not cur.closed:
+                    a = cur.assignments.get(device_id)
+                    if a is not None and a.status == "sampled":
+                        return self._task_for(cur, a)
+                left = end - time.monotonic()
+                if left <= 0:
+                    return pb.Task(kind=pb.Task.WAIT, retry_after_ms=0)
+                self.lock.wait(left)
+
+    def _task_for(self, cur: RoundState, a: Assignment) -> pb.Task:
+        c = self.cfg
+        up = c.upload_spec()
+        return pb.Task(
+            kind=pb.Task.TRAIN, round=cur.number, task_id=a.task_id, model_version=cur.version,
+            training=pb.TrainingSettings(
+                local_epochs=c.local_epochs, local_steps=c.local_steps, batch_size=c.batch_size,
+                learning_rate=c.learning_rate, weight_decay=c.weight_decay, max_input_tokens=c.max_input_tokens,
+                max_target_tokens=c.max_target_tokens, seed=c.seed * 1000003 + cur.number),
+            upload=pb.TransferSettings(encoding=up.encoding_id, codec=up.codec_id, zstd_level=up.zstd_level,
+                                       block_size=up.block_size, chunk_elems=up.chunk_elems, payload=up.payload_id),
+            deadline_unix=time.time() + (cur.deadline - time.monotonic()))
+
+    # ------------------------------------------------------------ download
+    def encoder_for(self, device_id: str, session_id: str, version: str, encoding: int, codec: int) -> StateEncoder:
+        with self.lock:
+            self._device(device_id, session_id)
+            if version and version != self.version:
+                raise RoundError("not_found", f"model version {version[:19]}... is not served; "
+                                              f"the current version is {self.version[:19]}...")
+            spec = self.cfg.download_spec()
+            enc_name = spec.encoding if encoding == pb.ENCODING_UNSPECIFIED else encoding_name(encoding)
+            codec_name_ = spec.codec if codec == pb.CODEC_UNSPECIFIED else codec_name(codec)
+            spec = TransferSpec(enc_name, codec_name_, spec.zstd_level, 0, spec.block_size, spec.chunk_elems)
+            key = (self.version, spec.encoding_id, spec.codec_id)
+            enc = self._encoders.get(key)
+            if enc is None:
+                enc = StateEncoder(self.state, spec, digest=self.version)
+                self._encoders[key] = enc
+            return enc
+
+    # -------------------------------------------------------------- upload
+    def open_upload(self, h: pb.UploadHeader) -> UploadSession:
+        """Start or resume the upload `h` describes; checks it belongs to the open round."""
+        with self.lock:
+            self._device(h.device_id, h.session_id)
+            cur = self.current
+            if cur is None or cur.closed or cur.number != h.round:
+                raise RoundError("precondition", f"round {h.round} is not open for uploads "
+                                                 f"(current round {cur.number if cur else self.round_no}, "
+                                                 f"{'closed' if cur is None or cur.closed else 'open'})")
+            a = cur.assignments.get(h.device_id)
+            if a is None:
+                raise RoundError("permission", f"device {h.device_id!r} was not sampled in round {cur.number}")
+            if a.task_id != h.task_id:
+                raise RoundError("permission", f"task {h.task_id!r} is not device {h.device_id!r}'s task "
+                                               f"in round {cur.number}")
+            if a.status in ("aggregated", "late"):
+                raise RoundError("precondition", f"the update for task {h.task_id} was already {a.status}")
+            if h.base_version != cur.version:
+                raise RoundError("precondition", f"update trained from {h.base_version[:19]}..., round "
+                                                 f"{cur.number} is on {cur.version[:19]}...")
+            if not 0 < h.num_samples <= MAX_NUM_SAMPLES:
+                raise RoundError("invalid", f"num_samples must be positive, got {h.num_samples}")
+            sess = self._uploads.get(h.task_id)
+            start = (h.start.tensor_index, h.start.offset) if h.HasField("start") else (0, 0)
+            if sess is not None:
+                nxt = sess.receiver.next_position()
+                have = (nxt.tensor_index, nxt.offset) if nxt is not None else None
+                if start != (0, 0) or have is None:
+                    if have != start:
+                        raise RoundError("aborted", f"resume at tensor {start[0]} offset {start[1]}, but the "
+                                                    f"server holds up to {have}; ask UploadStatus")
+                    return sess
+                # A fresh start replaces what was staged.
+            elif start != (0, 0):
+                raise RoundError("aborted", f"nothing staged for task {h.task_id}; start from the beginning")
+            if len(self._uploads) >= self.cfg.max_concurrent_uploads and h.task_id not in self._uploads:
+                raise RoundError("exhausted", f"{len(self._uploads)} uploads already staged; retry later")
+            try:
+                receiver = StateReceiver(h.manifest, expect=self.layout)
+            except WireError as exc:
+                raise RoundError("invalid", f"upload manifest rejected: {exc}") from None
+            if h.manifest.payload not in (pb.WEIGHTS, pb.DELTA):
+                raise RoundError("invalid", "upload manifest must say WEIGHTS or DELTA")
+            a.status = "uploading"
+            a.num_samples = h.num_samples
+            sess = UploadSession(a, h, receiver)
+            self._uploads[h.task_id] = sess
+            return sess
+
+    def upload_status(self, device_id: str, session_id: str, task_id: str) -> tuple[bool, pb.Position | None, bool]:
+        with self.lock:
+            self._device(device_id, session_id)
+            sess = self._uploads.get(task_id)
+            if sess is None or sess.assignment.device_id != device_id:
+                cur = self.current
+                done = (cur is not None and device_id in cur.assignments
+                        and cur.assignments[device_id].task_id == task_id
+                        and cur.assignments[device_id].status == "aggregated")
+                return False, None, done
+            return True, sess.receiver.next_position(), False
+
+    def finish_upload(self, sess: UploadSession) -> str:
+        """Verify the staged update and fold it into the round's aggregate."""
+        update = sess.receiver.finish(verify_digest=True)
+        canonical = {e.name: e.tensor for e in unique_tensors(update)}
+        is_delta = sess.header.manifest.payload == pb.DELTA
+        for name, t in canonical.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise RoundError("invalid", f"update tensor {name} holds NaN or Inf")
+        digest_value = sess.header.manifest.digest
+        with self.lock:
+            cur = self.current
+            a = sess.assignment
+            self._uploads.pop(sess.header.task_id, None)
+            if cur is None or cur.closed or cur.assignments.get(a.device_id) is not a:
+                a.status = "late"
+                raise RoundError("precondition", f"round {sess.header.round} closed before the update arrived")
+            glob = self._canonical()
+            delta = {k: (v.float() if is_delta else v.float() - glob[k].float())
+                     for k, v in canonical.items() if v.is_floating_point()}
+            cur.mean.add(delta, float(a.num_samples))
+            a.status = "aggregated"
+            if self.cfg.save_updates:
+                self._save_update(cur.number, a.device_id, canonical, a.num_samples, is_delta)
+            self.lock.notify_all()
+        log.info("round %d: update from %s folded (%d samples)", cur.number, a.device_id, a.num_samples)
+        return digest_value
+
+    def _save_update(self, rnd: int, device_id: str, state: Mapping[str, torch.Tensor], n: int, delta: bool) -> None:
+        from .storage import save_checkpoint
+        path = self.out / "updates" / f"round-{rnd:06d}" / f"{device_id}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {k: v.contiguous() for k, v in state.items()},
+                        {"num_samples": str(n), "payload": "delta" if delta else "weights"})
+
+    def abandon_upload(self, sess: UploadSession) -> None:
+        """Drop a staged upload that failed a check; the device may start again."""
+        with self.lock:
+            if self._uploads.get(sess.header.task_id) is sess:
+                del self._uploads[sess.header.task_id]
+                if sess.assignment.status == "uploading":
+                    sess.assignment.status = "sampled"
+
+    # ------------------------------------------------------------- metrics
+    def report_metrics(self, device_id: str, session_id: str, m: dict[str, Any]) -> None:
+        with self.lock:
+            self._device(device_id, session_id)
+            cur = self.current
+            if cur is None or cur.number != m.get("round"):
+                log.warning("metrics from %s for round %s ignored: round %s is current", device_id,
+                            m.get("round"), cur.number if cur else None)
+                return
+            a = cur.assignments.get(device_id)
+            if a is None or a.task_id != m.get("task_id"):
+                raise RoundError("permission", f"device {device_id!r} has no task {m.get('task_id')!r} in "
+                                               f"round {cur.number}")
+            a.metrics = m
+            self.lock.notify_all()
+
+    # --------------------------------------------------------------- rounds
+    def stop(self) -> None:
+        self._stop.set()
+        with self.lock:
+            self.lock.notify_all()
+
+    def run(self) -> None:
+        """Run rounds until cfg.rounds are complete (or stop() is called)."""
+        try:
+            if self.round_no == 0 and not self.summaries:
+                self._record_round(self._baseline_summary())
+            attempts = 0
+            while self.round_no < self.cfg.rounds and not self._stop.is_set():
+                ok = self._run_round(self.round_no + 1, attempts + 1)
+                attempts = 0 if ok else attempts + 1
+                if attempts >= 3:
+                    raise RuntimeError(f"round {self.round_no + 1} failed 3 times: fewer than "
+                                       f"{self.cfg.min_updates} update(s) arrived before each deadline")
+        finally:
+            with self.lock:
+                self.finished = True
+                self.lock.notify_all()
+
+    def _wait_for_devices(self) -> list[str]:
+        need = self.cfg.devices_needed
+        last_note = 0.0
+        with self.lock:
+            while not self._stop.is_set():
+                alive = self.registry.alive()
+                if len(alive) >= need:
+                    return alive
+                if time.monotonic() - last_note > 10:
+                    log.info("waiting for devices: %d of %d connected", len(alive), need)
+                    last_note = time.monotonic()
+                self.lock.wait(1.0)
+        return []
+
+    def _run_round(self, number: int, attempt: int) -> bool:
+        alive = self._wait_for_devices()
+        if not alive:
+            return False
+        rng = random.Random(f"{self.cfg.seed}:{number}:{attempt}")
+        sampled = sorted(rng.sample(sorted(alive), min(self.cfg.devices_per_round, len(alive))))
+        now = time.monotonic()
+        with self.lock:
+            self.current = RoundState(
+                number=number, attempt=attempt, version=self.version, started=now,
+                deadline=now + self.cfg.round_deadline_s,
+                assignments={d: Assignment(d, uuid.uuid4().hex) for d in sampled},
+                mean=RunningMean(self._canonical()))
+            self.lock.notify_all()
+        log.info("round %d: sampled %s", number, ", ".join(sampled))
+        cur = self.current
+        with self.lock:
+            while not self._stop.is_set():
+                if all(a.status in ("aggregated", "late") for a in cur.assignments.values()):
+                    break
+                left = cur.deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.lock.wait(min(left, 1.0))
+            cur.closed = True
+            for tid in [t for t, s in self._uploads.items() if s.assignment in cur.assignments.values()]:
+                del self._uploads[tid]
+            got = cur.aggregated
+            # Metrics follow the upload reply by a moment; give them a short grace.
+            grace_end = time.monotonic() + 5.0
+            while any(a.metrics is None for a in got) and time.monotonic() < grace_end:
+                self.lock.wait(0.2)
+        if self._stop.is_set():
+            return False
+        if len(got) < self.cfg.min_updates:
+            log.warning("round %d attempt %d: %d of %d updates before the deadline, need %d; retrying",
+                        number, attempt, len(got), len(cur.assignments), self.cfg.min_updates)
+            self._log_devices(cur, status_only=True)
+            return False
+        self._aggregate(cur)
+        return True
+
+    def _aggregate(self, cur: RoundState) -> None:
+        t0 = time.monotonic()
+        aliases = self._aliases()
+        mean_delta = cur.mean.mean()
+        new = self.strategy.apply(self._canonical(), mean_delta)
+        with self.lock:
+            self._set_global(new, aliases)
+            self.round_no = cur.number
+        t_agg = time.monotonic() - t0
+        ev = self.evaluator(self.state) if self.evaluator else None
+        tensors = dict(self._canonical())
+        for k, v in self.strategy.state_dict().items():
+            tensors[OPT_PREFIX + k] = v
+        self.checkpoints.save(cur.number, tensors, {"round": str(cur.number), "version": self.version,
+                                                    "strategy": self.strategy.name})
+        records = self._log_devices(cur)
+        self._record_round(self._summary(cur, records, ev, t_agg))
+
+    def _log_devices(self, cur: RoundState, status_only: bool = False) -> list[dict[str, Any]]:
+        records = []
+        for a in cur.assignments.values():
+            m = dict(a.metrics or {})
+            rec: dict[str, Any] = {"round": cur.number, "attempt": cur.attempt, "client": a.device_id,
+                                   "status": a.status if a.status == "aggregated" else "missing",
+                                   "num_samples": a.num_samples}
+            for k in ("t_comp_s", "t_down_s", "t_up_s", "t_wait_s", "bytes_down", "bytes_up", "tokens",
+                      "train_loss", "download_cached", "step_times", "extra"):
+                if k in m:
+                    rec[k] = m[k]
+            if "t_comp_s" in m:
+                rec["t_comm_s"] = m["t_down_s"] + m["t_up_s"] + m["t_wait_s"]
+                rec["tokens_per_s"] = m["tokens"] / m["t_comp_s"] if m["t_comp_s"] > 0 else 0.0
+                rec["g"] = m["t_comp_s"] / rec["t_comm_s"] if rec["t_comm_s"] > 0 else None
+            self.round_log.append(rec)
+            records.append(rec)
+        return records
+
+    def _baseline_summary(self) -> dict[str, Any]:
+        ev = self.evaluator(self.state) if self.evaluator else None
+        return {"round": 0, "participants": [], "version": self.version, **_eval_fields(ev)}
+
+    def _summary(self, cur: RoundState, records: list[dict[str, Any]], ev: EvalRecord | None,
+                 t_agg: float) -> dict[str, Any]:
+        got = [r for r in records if r["status"] == "aggregated" and "t_comp_s" in r]
+        t_comp = max((r["t_comp_s"] for r in got), default=0.0)
+        t_comm = max((r["t_comm_s"] for r in got), default=0.0)
+        weight = sum(r["num_samples"] for r in got) or 1
+        return {
+            "round": cur.number,
+            "participants": [r["client"] for r in records if r["status"] == "aggregated"],
+            "sampled": len(cur.assignments),
+            "t_comp_s": t_comp,
+            "t_comm_s": t_comm,
+            "g": t_comp / t_comm if t_comm > 0 else None,
+            "t_down_s": max((r["t_down_s"] for r in got), default=0.0),
+            "t_up_s": max((r["t_up_s"] for r in got), default=0.0),
+            "bytes_down": sum(r.get("bytes_down", 0) for r in got),
+            "bytes_up": sum(r.get("bytes_up", 0) for r in got),
+            "tokens": sum(r.get("tokens", 0) for r in got),
+            "train_loss": sum(r.get("train_loss", 0.0) * r["num_samples"] for r in got) / weight,
+            "wall_s": time.monotonic() - cur.started,
+            "aggregate_s": t_agg,
+            "version": self.version,
+            "strategy": self.strategy.name,
+            "download": f"{self.cfg.download_encoding}/{self.cfg.download_codec}",
+            "upload": f"{self.cfg.upload_encoding}/{self.cfg.upload_codec}",
+            **_eval_fields(ev),
+        }
+
+    def _record_round(self, summary: dict[str, Any]) -> None:
+        self.summaries.append(summary)
+        write_json_atomic(self.out / "summary.json", {"config": _config_dict(self.cfg), "rounds": self.summaries})
+        if self.on_round:
+            self.on_round(summary)
+
+
+def _eval_fields(ev: EvalRecord | None) -> dict[str, Any]:
+    if ev is None:
+        return {}
+    return {"eval_loss": ev.loss, "rouge1": ev.rouge1, "rouge2": ev.rouge2, "rougeL": ev.rougeL, "eval_n": ev.n}
+
+
+def _config_dict(cfg: ServerConfig) -> dict[str, Any]:
+    return to_dict(cfg)
+
+
+def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy that keeps tied tensors tied (one clone per storage)."""
+    out: dict[str, torch.Tensor] = {}
+    for e in unique_tensors(state):
+        t = e.tensor.detach().to("cpu", copy=True).contiguous()
+        out[e.name] = t
+        for a in e.aliases:
+            out[a] = t
+    return {k: out[k] for k in state}

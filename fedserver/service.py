@@ -1,0 +1,192 @@
+"""gRPC in and out: checks each request, calls the coordinator, maps errors to status codes."""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import fedcore
+from fedcore.wire import WireError
+from fedtune.v1 import fedtune_pb2 as pb
+from fedtune.v1 import fedtune_pb2_grpc as pbg
+
+from .rounds import Coordinator, RoundError
+
+log = logging.getLogger("fedserver.service")
+
+DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# A chunk of 2^24 fp32 elements plus framing; anything larger is refused by gRPC itself.
+MAX_MESSAGE_BYTES = 80 << 20
+
+_ROUND_CODES = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "permission": grpc.StatusCode.PERMISSION_DENIED,
+    "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "aborted": grpc.StatusCode.ABORTED,
+}
+_WIRE_CODES = {"checksum": grpc.StatusCode.DATA_LOSS, "digest": grpc.StatusCode.DATA_LOSS}
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Devices sit behind carrier NATs that drop idle flows after a few minutes.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, RoundError):
+        context.abort(_ROUND_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+    if isinstance(exc, WireError):
+        context.abort(_WIRE_CODES.get(exc.kind, grpc.StatusCode.INVALID_ARGUMENT), f"{exc.kind}: {exc}")
+    raise exc
+
+
+def _check_device(device_id: str, context: grpc.ServicerContext) -> None:
+    if not DEVICE_ID.match(device_id):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"device_id {device_id[:40]!r} must be 1-128 characters of letters, digits and ._:-")
+
+
+class FederationService(pbg.FederationServicer):
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        _check_device(request.device_id, context)
+        caps = request.capabilities
+        info = {"accelerator": caps.accelerator, "memory_bytes": caps.memory_bytes,
+                "software_version": caps.software_version, "cpu_count": caps.cpu_count,
+                "peer": context.peer()}
+        try:
+            dev = self.coord.join(request.device_id, request.num_samples, info)
+        except RoundError as exc:
+            _abort(context, exc)
+        return pb.JoinReply(session_id=dev.session_id, model_preset=self.coord.model_preset,
+                            model_config_json=self.coord.model_config_json,
+                            poll_seconds=self.coord.cfg.poll_seconds, server_version=fedcore.__version__)
+
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
+        _check_device(request.device_id, context)
+        timeout = float(self.coord.cfg.poll_seconds)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            timeout = max(0.0, min(timeout, remaining - 1.0))
+        try:
+            return self.coord.next_task(request.device_id, request.session_id, timeout)
+        except RoundError as exc:
+            _abort(context, exc)
+            raise
+
+    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadMessage]:
+        _check_device(request.device_id, context)
+        try:
+            enc = self.coord.encoder_for(request.device_id, request.session_id, request.model_version,
+                                         request.encoding, request.codec)
+            start = request.start if request.HasField("start") else None
+            chunks = enc.chunks(start)
+            yield pb.DownloadMessage(manifest=enc.manifest)
+            for chunk in chunks:
+                yield pb.DownloadMessage(chunk=chunk)
+        except (RoundError, WireError) as exc:
+            _abort(context, exc)
+
+    def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("body") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload stream must start with an UploadHeader")
+        header = first.header
+        _check_device(header.device_id, context)
+        try:
+            sess = self.coord.open_upload(header)
+        except RoundError as exc:
+            _abort(context, exc)
+            raise
+        if not sess.stream_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.ABORTED, f"another stream is already uploading task {header.task_id}")
+        try:
+            for msg in request_iterator:
+                if msg.WhichOneof("body") != "chunk":
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the upload header")
+                sess.receiver.accept(msg.chunk)
+            nxt = sess.receiver.next_position()
+            r = sess.receiver
+            if nxt is not None:
+                # The stream ended early: keep what was verified so the device can resume.
+                return pb.UploadReply(complete=False, chunks_received=r.chunks_received,
+                                      bytes_received=r.bytes_received, next=nxt)
+            digest = self.coord.finish_upload(sess)
+            return pb.UploadReply(complete=True, chunks_received=r.chunks_received,
+                                  bytes_received=r.bytes_received, digest=digest)
+        except WireError as exc:
+            log.warning("upload from %s rejected: %s", header.device_id, exc)
+            if exc.kind not in ("checksum",):
+                self.coord.abandon_upload(sess)
+            _abort(context, exc)
+            raise
+        except RoundError as exc:
+            self.coord.abandon_upload(sess)
+            _abort(context, exc)
+            raise
+        finally:
+            sess.stream_lock.release()
+
+    def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadStatusReply:
+        _check_device(request.device_id, context)
+        try:
+            known, nxt, complete = self.coord.upload_status(request.device_id, request.session_id, request.task_id)
+        except RoundError as exc:
+            _abort(context, exc)
+            raise
+        reply = pb.UploadStatusReply(known=known, complete=complete)
+        if nxt is not None:
+            reply.next.CopyFrom(nxt)
+        return reply
+
+    def ReportMetrics(self, request: pb.RoundMetrics, context: grpc.ServicerContext) -> pb.MetricsAck:
+        _check_device(request.device_id, context)
+        for name in ("t_down_s", "t_up_s", "t_wait_s", "t_comp_s"):
+            v = getattr(request, name)
+            if not 0 <= v < 1e7:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}={v} is not a duration in seconds")
+        st = request.step_times
+        m = {
+            "round": request.round, "task_id": request.task_id, "t_down_s": request.t_down_s,
+            "t_up_s": request.t_up_s, "t_wait_s": request.t_wait_s, "t_comp_s": request.t_comp_s,
+            "bytes_down": request.bytes_down, "bytes_up": request.bytes_up, "tokens": request.tokens,
+            "train_loss": request.train_loss, "download_cached": request.download_cached,
+            "step_times": {"batch_loading_s": st.batch_loading_s, "forward_s": st.forward_s, "loss_s": st.loss_s,
+                           "backward_s": st.backward_s, "optimizer_step_s": st.optimizer_step_s,
+                           "steps": st.steps},
+            "extra": dict(request.extra),
+        }
+        try:
+            self.coord.report_metrics(request.device_id, request.session_id, m)
+        except RoundError as exc:
+            _abort(context, exc)
+        return pb.MetricsAck()
+
+
+def make_server(coord: Coordinator, listen: str, max_workers: int) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started-ready (not yet started) server bound to listen; returns the bound port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+                         options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_workers * 4)
+    pbg.add_FederationServicer_to_server(FederationService(coord), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}: address in use or not available")
+    for name in ("", "fedtune.v1.Federation"):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer

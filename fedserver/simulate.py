@@ -1,0 +1,250 @@
+"""`fedserver simulate`: a whole federated run on this machine, every party its own process.
+
+The server and each device daemon run as separate processes talking real
+gRPC (over loopback, or through emulated links when a netem topology is
+given), so T_comm and T_comp are measured by the same code that runs on a
+real fleet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedcore.config import to_dict
+
+from .config import ServerConfig
+
+
+def _h(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class SimulateConfig:
+    out: Path = field(default=Path("runs/simulate"), metadata=_h("run directory (rounds.jsonl, summary.json, logs/)"))
+    preset: str = field(default="tiny", metadata=_h("model preset: tiny, small, base, large, xl"))
+    rounds: int = field(default=5, metadata=_h("federated rounds"))
+    devices: int = field(default=10, metadata=_h("device daemons to start"))
+    devices_per_round: int = field(default=3, metadata=_h("devices sampled each round"))
+    encoding: str = field(default="fp32", metadata=_h("wire encoding, both directions: fp32, fp16, bf16, int8, nf4"))
+    codec: str = field(default="none", metadata=_h("wire codec, both directions: none or zstd"))
+    strategy: str = field(default="fedavg", metadata=_h("fedavg, fedadam, fedadamw or fedyogi"))
+    server_lr: float | None = field(default=None, metadata=_h("server learning rate (default: the strategy's)"))
+    local_epochs: int = field(default=1, metadata=_h("local epochs per round"))
+    local_steps: int = field(default=0, metadata=_h("local steps per round (0: use local_epochs)"))
+    batch_size: int = field(default=32, metadata=_h("local minibatch size"))
+    learning_rate: float = field(default=3e-3, metadata=_h("local AdamW learning rate"))
+    max_input_tokens: int = field(default=512, metadata=_h("dialogue tokens kept"))
+    max_target_tokens: int = field(default=95, metadata=_h("summary tokens kept and generated"))
+    data: str = field(default="builtin", metadata=_h("'builtin' or a Samsum JSON/JSONL file split over the devices"))
+    data_size: int = field(default=2000, metadata=_h("training examples over all devices"))
+    alpha: float = field(default=1.0, metadata=_h("Dirichlet concentration of the split over devices"))
+    eval_size: int = field(default=48, metadata=_h("held-out examples evaluated each round"))
+    weights_dir: Path | None = field(default=None, metadata=_h("local Hugging Face dir with FLAN-T5 weights"))
+    seed: int = field(default=0, metadata=_h("seed of data, split, sampling and init"))
+    round_deadline_s: float = field(default=600.0, metadata=_h("seconds a round waits for its updates"))
+    threads_per_device: int = field(default=1, metadata=_h("torch threads per daemon"))
+    link: str | None = field(default=None, metadata=_h("put every device behind an emulated link profile "
+                                                        "(e.g. lte; needs root); comma-separate for a mixed fleet"))
+
+    def validate(self) -> None:
+        if self.devices < 1 or not 1 <= self.devices_per_round <= self.devices:
+            raise ValueError(f"need 1 <= devices_per_round ({self.devices_per_round}) <= devices ({self.devices})")
+        self.server_config(Path("."), 0).validate()
+
+    def server_config(self, out: Path, port: int, host: str = "127.0.0.1") -> ServerConfig:
+        return ServerConfig(
+            listen=f"{host}:{port}", out=out, preset=self.preset, weights_dir=self.weights_dir, rounds=self.rounds,
+            devices_per_round=self.devices_per_round, min_updates=self.devices_per_round,
+            round_deadline_s=self.round_deadline_s, seed=self.seed, local_epochs=self.local_epochs,
+            local_steps=self.local_steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
+            max_input_tokens=self.max_input_tokens, max_target_tokens=self.max_target_tokens,
+            strategy=self.strategy, server_lr=self.server_lr, download_encoding=self.encoding,
+            download_codec=self.codec, upload_encoding=self.encoding, upload_codec=self.codec,
+            eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0)
+
+    def client_args(self, i: int, server: str) -> list[str]:
+        args = ["--server", server, "--device-id", f"dev-{i:02d}", "--data", self.data,
+                "--data-size", str(self.data_size), "--data-seed", str(self.seed), "--partitions", str(self.devices),
+                "--partition", str(i), "--alpha", str(self.alpha), "--threads", str(self.threads_per_device),
+                "--retry-initial-s", "0.5", "--retry-max-s", "5"]
+        if self.weights_dir:
+            args += ["--weights-dir", str(self.weights_dir)]
+        return args
+
+
+def write_toml(path: Path, data: dict[str, Any]) -> None:
+    """A flat TOML file of str/int/float/bool values (what our configs hold)."""
+    lines = []
+    for k, v in data.items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            lines.append(f"{k} = {'true' if v else 'false'}")
+        elif isinstance(v, (int, float)):
+            lines.append(f"{k} = {v!r}")
+        else:
+            lines.append(f"{k} = {json.dumps(str(v))}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------- table
+COLUMNS = [("round", 5), ("devs", 4), ("T_comp s", 9), ("T_comm s", 9), ("G", 7), ("MB down", 9), ("MB up", 9),
+           ("train loss", 10), ("eval loss", 9), ("ROUGE-L", 7)]
+
+
+def table_header() -> str:
+    head = "  ".join(name.rjust(w) for name, w in COLUMNS)
+    return head + "\n" + "-" * len(head)
+
+
+def table_row(s: dict[str, Any]) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+    vals = [str(s["round"]), str(len(s.get("participants", []))) if s["round"] else "-",
+            f(s.get("t_comp_s"), ".2f"), f(s.get("t_comm_s"), ".2f"), f(s.get("g"), ".3f"),
+            f(s["bytes_down"] / 1e6 if "bytes_down" in s else None, ".2f"),
+            f(s["bytes_up"] / 1e6 if "bytes_up" in s else None, ".2f"),
+            f(s.get("train_loss"), ".4f"), f(s.get("eval_loss"), ".4f"), f(s.get("rougeL"), ".2f")]
+    return "  ".join(v.rjust(w) for v, (_, w) in zip(vals, COLUMNS))
+
+
+# ------------------------------------------------------------------- running
+@dataclass
+class Launcher:
+    """How processes are started: directly, or inside network namespaces."""
+    server_host: str = "127.0.0.1"
+    listen_host: str = "127.0.0.1"
+    wrap_server: Callable[[list[str]], list[str]] = lambda argv: argv
+    wrap_device: Callable[[int, list[str]], list[str]] = lambda i, argv: argv
+
+
+def _spawn(argv: Sequence[str], log_path: Path) -> tuple[subprocess.Popen, TextIO]:
+    fh = open(log_path, "w")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, fh
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[str], None] = print) -> int:
+    """Start the server and the daemons, print the per-round table, return an exit code."""
+    launcher = launcher or Launcher()
+    out = Path(cfg.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for stale in ("summary.json", "rounds.jsonl"):
+        (out / stale).unlink(missing_ok=True)
+    if (out / "checkpoints").exists():
+        import shutil
+        shutil.rmtree(out / "checkpoints")
+    port = free_port() if launcher.listen_host == "127.0.0.1" else 50051
+    scfg = cfg.server_config(out, port, launcher.listen_host)
+    write_toml(out / "server.toml", to_dict(scfg))
+    (out / "simulate.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    py = sys.executable
+    procs: list[tuple[str, subprocess.Popen, TextIO]] = []
+    server_argv = launcher.wrap_server([py, "-m", "fedserver", "run", "--config", str(out / "server.toml")])
+    procs.append(("server", *_spawn(server_argv, logs / "server.log")))
+    server_addr = f"{launcher.server_host}:{port}"
+    for i in range(cfg.devices):
+        argv = launcher.wrap_device(i, [py, "-m", "fedclient", "run", *cfg.client_args(i, server_addr)])
+        procs.append((f"dev-{i:02d}", *_spawn(argv, logs / f"dev-{i:02d}.log")))
+    echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, preset {cfg.preset}, "
+         f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {cfg.encoding}/{cfg.codec}, {cfg.strategy}; "
+         f"logs in {logs}")
+    server = procs[0][1]
+    printed = 0
+    t0 = time.monotonic()
+    last_note = t0
+    code = 1
+    try:
+        while True:
+            summaries = _read_summaries(out / "summary.json")
+            if summaries and printed == 0:
+                echo(table_header())
+            for s in summaries[printed:]:
+                echo(table_row(s))
+            printed = max(printed, len(summaries))
+            rc = server.poll()
+            if rc is not None:
+                code = rc
+                break
+            dead = [name for name, p, _ in procs[1:] if p.poll() not in (None, 0)]
+            if len(dead) > cfg.devices - cfg.devices_per_round:
+                echo(f"simulate: {len(dead)} device daemons died ({', '.join(dead[:3])}...); see {logs}")
+                echo(_tail(logs / f"{dead[0]}.log"))
+                code = 1
+                break
+            if time.monotonic() - last_note > 30:
+                last_note = time.monotonic()
+                echo(f"simulate: {time.monotonic() - t0:.0f} s, round {max(printed - 1, 0)} of {cfg.rounds} done")
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        echo("simulate: interrupted; stopping all processes")
+        code = 130
+    finally:
+        _stop_all(procs, wait_s=15.0 if code == 0 else 3.0)
+    if code != 0:
+        echo(f"simulate: server exited with {code}; last lines of {logs / 'server.log'}:")
+        echo(_tail(logs / "server.log"))
+        return code if code > 0 else 1
+    summaries = _read_summaries(out / "summary.json")
+    for s in summaries[printed:]:
+        echo(table_row(s))
+    echo(f"simulate: {cfg.rounds} rounds in {time.monotonic() - t0:.0f} s; wrote {out / 'rounds.jsonl'} and "
+         f"{out / 'summary.json'}")
+    return 0
+
+
+def _read_summaries(path: Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text()).get("rounds", [])
+    except (OSError, ValueError):
+        return []  # not written yet (it is replaced atomically, never torn)
+
+
+def _stop_all(procs: list[tuple[str, subprocess.Popen, TextIO]], wait_s: float) -> None:
+    end = time.monotonic() + wait_s
+    for _, p, _ in procs:
+        while p.poll() is None and time.monotonic() < end:
+            time.sleep(0.1)
+    for _, p, _ in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for _, p, fh in procs:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        fh.close()
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(SimulateConfig)]
