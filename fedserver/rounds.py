@@ -440,7 +440,7 @@ class Coordinator:
             self.round_no = cur.number
         t_agg = time.monotonic() - t0
         ev = self.evaluator(self.state) if self.evaluator else None
-        tensors = dict(self._canonical())
+        tensors = dict(self.state)  # aliases included: storage keeps ties, the file loads into a model as is
         for k, v in self.strategy.state_dict().items():
             tensors[OPT_PREFIX + k] = v
         self.checkpoints.save(cur.number, tensors, {"round": str(cur.number), "version": self.version,

@@ -53,6 +53,7 @@ class SimulateConfig:
     seed: int = field(default=0, metadata=_h("seed of data, split, sampling and init"))
     round_deadline_s: float = field(default=600.0, metadata=_h("seconds a round waits for its updates"))
     threads_per_device: int = field(default=1, metadata=_h("torch threads per daemon"))
+    save_updates: bool = field(default=False, metadata=_h("keep every received update under out/updates"))
     link: str | None = field(default=None, metadata=_h("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
 
@@ -70,7 +71,7 @@ class SimulateConfig:
             max_input_tokens=self.max_input_tokens, max_target_tokens=self.max_target_tokens,
             strategy=self.strategy, server_lr=self.server_lr, download_encoding=self.encoding,
             download_codec=self.codec, upload_encoding=self.encoding, upload_codec=self.codec,
-            eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0)
+            eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates)
 
     def client_args(self, i: int, server: str) -> list[str]:
         args = ["--server", server, "--device-id", f"dev-{i:02d}", "--data", self.data,
