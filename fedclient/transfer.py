@@ -47,7 +47,8 @@ class Progress:
 
 def download(stub: pbg.FederationStub, device_id: str, session_id: str, version: str,
              dest: Mapping[str, torch.Tensor] | None, retries: int, backoff: Callable[[int], None],
-             timeout: float | None = None) -> tuple[dict[str, torch.Tensor], TransferStats]:
+             timeout: float | None = None, encoding: int = pb.ENCODING_UNSPECIFIED,
+             codec: int = pb.CODEC_UNSPECIFIED) -> tuple[dict[str, torch.Tensor], TransferStats]:
     """Stream model `version` into dest (written in place), resuming after breaks."""
     stats = TransferStats()
     receiver: StateReceiver | None = None
@@ -55,7 +56,8 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
     while True:
         stats.attempts += 1
         start = receiver.next_position() if receiver is not None else None
-        req = pb.DownloadRequest(device_id=device_id, session_id=session_id, model_version=version)
+        req = pb.DownloadRequest(device_id=device_id, session_id=session_id, model_version=version,
+                                 encoding=encoding, codec=codec)
         if start is not None:
             req.start.CopyFrom(start)
         try:

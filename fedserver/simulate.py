@@ -149,9 +149,10 @@ def _tail(path: Path, n: int = 15) -> str:
         return ""
 
 
-def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[str], None] = print) -> int:
+def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[str], None] | None = None) -> int:
     """Start the server and the daemons, print the per-round table, return an exit code."""
     launcher = launcher or Launcher()
+    echo = echo or (lambda line: print(line, flush=True))
     out = Path(cfg.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
