@@ -30,10 +30,27 @@ class Decompressor:
         if codec == pb.NONE:
             out = data
         elif codec == pb.ZSTD:
+            # One-shot decompress() sizes its buffer from the frame header's
+            # content size and ignores max_output_size when the header has one,
+            # so a small frame declaring gigabytes would be allocated (or raise
+            # MemoryError). A bounded streaming read allocates at most
+            # expected_len + 1 bytes, whatever the header claims.
             try:
-                out = self._zstd.decompress(data, max_output_size=expected_len)
+                with self._zstd.stream_reader(data, read_across_frames=True) as reader:
+                    parts: list[bytes] = []
+                    got = 0
+                    while got <= expected_len:
+                        part = reader.read(expected_len + 1 - got)
+                        if not part:
+                            break
+                        parts.append(part)
+                        got += len(part)
             except zstandard.ZstdError as exc:
                 raise WireError("codec", f"zstd payload does not decompress: {exc}") from None
+            if got > expected_len:
+                raise WireError("length", f"zstd payload decompresses to more than the {expected_len} bytes "
+                                          f"declared (refused)")
+            out = b"".join(parts)
         else:
             raise WireError("codec", f"unknown codec {codec}")
         if len(out) != expected_len:

@@ -22,6 +22,7 @@ NF4_LEVELS = torch.tensor([
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ], dtype=torch.float32)
 _NF4_MIDPOINTS = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+_F32_MAX = torch.finfo(torch.float32).max
 
 
 def as_tensor(buf: bytes, dtype: torch.dtype) -> torch.Tensor:
@@ -91,7 +92,11 @@ def decode(payload: bytes, scales: bytes, encoding: int, dtype: torch.dtype, cou
     """
     if encoding == pb.RAW:
         if dtype == torch.bool:
-            return torch.from_numpy(np.frombuffer(payload, dtype=np.bool_).copy())
+            b = np.frombuffer(payload, dtype=np.uint8)
+            # Bytes other than 0/1 would make torch bools that are neither True nor False.
+            if b.size and b.max() > 1:
+                raise WireError("value", "bool payload holds bytes other than 0 and 1")
+            return torch.from_numpy(b.astype(np.bool_))
         return as_tensor(payload, dtype)
     if encoding == pb.FP32:
         return as_tensor(payload, torch.float32)
@@ -100,6 +105,8 @@ def decode(payload: bytes, scales: bytes, encoding: int, dtype: torch.dtype, cou
     if encoding == pb.BF16:
         return as_tensor(payload, torch.bfloat16)
     scale = as_tensor(scales, torch.float32)
+    if not torch.isfinite(scale).all():
+        raise WireError("value", "NaN or Inf in the block scales")
     nblocks = scale.numel()
     if encoding == pb.INT8:
         q = as_tensor(payload, torch.int8).to(torch.float32)
@@ -112,4 +119,9 @@ def decode(payload: bytes, scales: bytes, encoding: int, dtype: torch.dtype, cou
     pad = nblocks * block_size - count
     if pad:
         q = torch.nn.functional.pad(q, (0, pad))
-    return (q.view(nblocks, block_size) * scale[:, None]).view(-1)[:count]
+    out = (q.view(nblocks, block_size) * scale[:, None]).view(-1)[:count]
+    if encoding == pb.INT8:
+        # absmax/127 rounds up at times, so 127 * scale can pass float32's max
+        # for a block whose absmax is within an ulp of it: clamp it back.
+        out.clamp_(-_F32_MAX, _F32_MAX)
+    return out

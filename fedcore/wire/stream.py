@@ -170,8 +170,12 @@ class StateReceiver:
             raise WireError("length", f"{where}: raw length {c.raw_len}, expected {want_raw}")
         if chunk_crc(c.scales, c.payload) != c.crc32c:
             raise WireError("checksum", f"{where}: CRC-32C mismatch, chunk corrupted in transit")
-        raw = self._decomp.decompress(c.codec, c.payload, want_raw)
-        values = quant.decode(raw, c.scales, enc, lay.dtype, c.count, c.block_size)
+        try:
+            raw = self._decomp.decompress(c.codec, c.payload, want_raw)
+            values = quant.decode(raw, c.scales, enc, lay.dtype, c.count, c.block_size)
+        except WireError as exc:
+            # The codec does not know which tensor it decodes; say where.
+            raise WireError(exc.kind, f"{where}: {exc}") from None
         if enc != quant.pb.RAW and not torch.isfinite(values).all():
             raise WireError("value", f"{where}: NaN or Inf in the decoded values")
         dst = self.tensors[i].view(-1)[c.offset:c.offset + c.count]
