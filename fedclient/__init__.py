@@ -1,0 +1,1 @@
+"""The device daemon: connection loop, local trainer, CLI."""

@@ -1,0 +1,157 @@
+"""Local fine-tuning on a device's own data, with the study's per-step timing breakdown."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fedcore.batching import IGNORE_INDEX, Batch, EncodedExample, encode_examples, iterate_batches
+from fedcore.data import Example
+
+
+@dataclass
+class TrainSettings:
+    """Hyperparameters of one round's local training."""
+
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0: exactly this many steps, cycling the data; overrides local_epochs
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    max_input_tokens: int = 512
+    max_target_tokens: int = 95
+    seed: int = 0
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent in each phase of a training step, summed over ``steps`` steps."""
+
+    batch_loading_s: float = 0.0
+    forward_s: float = 0.0
+    loss_s: float = 0.0
+    backward_s: float = 0.0
+    optimizer_step_s: float = 0.0
+    steps: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.batch_loading_s + self.forward_s + self.loss_s + self.backward_s + self.optimizer_step_s
+
+
+@dataclass
+class TrainResult:
+    """What one call of :func:`train_local` did and how long it took."""
+
+    t_comp_s: float
+    steps: int
+    samples: int
+    tokens: int  # non-pad input + target tokens processed
+    tokens_per_s: float
+    mean_loss: float
+    step_times: StepTimes
+    losses: list[float] = field(default_factory=list)  # per step, for learning curves
+
+
+def _batches(encoded: Sequence[EncodedExample], settings: TrainSettings, pad_id: int) -> Iterator[Batch]:
+    """Minibatches for local_epochs, or an endless cycle when local_steps bounds the run."""
+    epoch = 0
+    while settings.local_steps > 0 or epoch < settings.local_epochs:
+        yield from iterate_batches(encoded, settings.batch_size, seed=settings.seed, epoch=epoch, pad_id=pad_id)
+        epoch += 1
+
+
+def train_local(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    settings: TrainSettings,
+    device: torch.device,
+) -> TrainResult:
+    """Fine-tune ``model`` in place with AdamW; returns timings and losses. Leaves it in eval().
+
+    The optimizer is created fresh per call (FedAvg clients keep no state
+    between rounds). Dropout is seeded from ``settings.seed``, so callers
+    should vary it per round and client.
+    """
+    if not examples:
+        raise ValueError("train_local: no training examples")
+    if settings.local_steps <= 0 and settings.local_epochs <= 0:
+        raise ValueError("train_local: need local_epochs > 0 or local_steps > 0")
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+
+    def sync() -> None:
+        # CUDA kernels run asynchronously; without this the timers would
+        # measure kernel launches, not the work.
+        if on_cuda:
+            torch.cuda.synchronize(device)
+
+    sync()
+    t_start = time.perf_counter()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = encode_examples(tokenizer, examples, settings.max_input_tokens, settings.max_target_tokens)
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+    times = StepTimes()
+    losses: list[float] = []
+    samples = tokens = 0
+    batches = _batches(encoded, settings, pad_id)
+    with torch.random.fork_rng(devices=[device] if on_cuda else []):
+        torch.manual_seed(settings.seed)
+        while settings.local_steps <= 0 or times.steps < settings.local_steps:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            batch = batch.to(device)
+            sync()
+            t1 = time.perf_counter()
+            decoder_input_ids = model._shift_right(batch.labels)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           decoder_input_ids=decoder_input_ids).logits
+            sync()
+            t2 = time.perf_counter()
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch.labels.view(-1),
+                                   ignore_index=IGNORE_INDEX)
+            sync()
+            t3 = time.perf_counter()
+            loss.backward()
+            sync()
+            t4 = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            t5 = time.perf_counter()
+
+            times.batch_loading_s += t1 - t0
+            times.forward_s += t2 - t1
+            times.loss_s += t3 - t2
+            times.backward_s += t4 - t3
+            times.optimizer_step_s += t5 - t4
+            times.steps += 1
+            losses.append(float(loss.detach()))
+            samples += batch.n_examples
+            tokens += batch.n_tokens
+
+    model.eval()
+    del optimizer  # free Adam moments before returning (2x model size)
+    sync()
+    t_comp = time.perf_counter() - t_start
+    return TrainResult(
+        t_comp_s=t_comp,
+        steps=times.steps,
+        samples=samples,
+        tokens=tokens,
+        tokens_per_s=tokens / t_comp if t_comp > 0 else 0.0,
+        mean_loss=sum(losses) / len(losses) if losses else math.nan,
+        step_times=times,
+        losses=losses,
+    )

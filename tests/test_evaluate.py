@@ -1,0 +1,76 @@
+"""Server-side evaluation: loss and ROUGE of greedy summaries."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedclient.trainer import TrainSettings, train_local
+from fedcore.data import Example, synthetic_corpus, train_eval_split
+from fedcore.models import build_model, load_tokenizer
+from fedserver.evaluate import EvalResult, evaluate
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models are overhead-bound; extra threads only contend on shared CI cores.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(None)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_untrained_model_gives_numbers_in_range_and_restores_mode(tok, training: bool) -> None:
+    model = build_model("tiny", seed=0)
+    model.train(training)
+    examples = synthetic_corpus(5, seed=0)
+    res = evaluate(model, tok, examples, CPU, batch_size=2, max_input_tokens=128, max_target_tokens=16)
+    assert isinstance(res, EvalResult) and res.n == 5
+    assert math.isfinite(res.loss) and res.loss > 0
+    for score in (res.rouge1, res.rouge2, res.rougeL):
+        assert 0.0 <= score <= 100.0
+    assert len(res.predictions) == 5
+    assert model.training is training
+
+
+def test_perfect_prediction_scores_100() -> None:
+    # A "model" whose greedy output is the reference: checks the ROUGE plumbing and scale.
+    tok = load_tokenizer(None)
+    ex = [Example("1", "A: hi", "ab")]
+    model = build_model("tiny", seed=0)
+    target = tok("ab").input_ids  # [b'a'+3, b'b'+3, eos]
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias = None
+
+    def fake_generate(*args, **kwargs):
+        return torch.tensor([[0] + target])
+
+    model.generate = fake_generate  # type: ignore[method-assign]
+    res = evaluate(model, tok, ex, CPU)
+    assert res.rouge1 == pytest.approx(100.0) and res.rougeL == pytest.approx(100.0)
+    assert res.predictions == ["ab"]
+    # All-zero logits: uniform over the vocabulary.
+    assert res.loss == pytest.approx(math.log(model.config.vocab_size), rel=1e-4)
+
+
+def test_training_raises_rouge_l(tok) -> None:
+    data = synthetic_corpus(72, seed=11)
+    train, held_out = train_eval_split(data, 8, seed=0)
+    model = build_model("tiny", seed=0)
+    kw = dict(batch_size=8, max_input_tokens=512, max_target_tokens=95)
+    before = evaluate(model, tok, held_out, CPU, **kw)
+    settings = TrainSettings(local_steps=60, batch_size=16, learning_rate=3e-3, seed=1)
+    train_local(model, tok, train, settings, CPU)
+    after = evaluate(model, tok, held_out, CPU, **kw)
+    assert after.loss < before.loss
+    assert after.rougeL > before.rougeL + 10.0
