@@ -131,6 +131,7 @@ class Launcher:
     """How processes are started: directly, or inside network namespaces."""
     server_host: str = "127.0.0.1"
     listen_host: str = "127.0.0.1"
+    port: int = 0  # 0: a free loopback port
     wrap_server: Callable[[list[str]], list[str]] = lambda argv: argv
     wrap_device: Callable[[int, list[str]], list[str]] = lambda i, argv: argv
 
@@ -161,7 +162,7 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     if (out / "checkpoints").exists():
         import shutil
         shutil.rmtree(out / "checkpoints")
-    port = free_port() if launcher.listen_host == "127.0.0.1" else 50051
+    port = launcher.port or free_port()
     scfg = cfg.server_config(out, port, launcher.listen_host)
     write_toml(out / "server.toml", to_dict(scfg))
     (out / "simulate.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

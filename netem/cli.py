@@ -222,7 +222,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, "argparse._SubParsersAction
     p.add_argument("--backend", choices=("auto", *tc.BACKENDS), default="auto", help=backend_help)
     _add_common(p, netns=False)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("run", help="run a federated scenario with every device behind its link "
+                                   "(writes rounds.jsonl and summary.json like fedserver simulate)")
+    p.add_argument("scenario", help="a name from netem/scenarios (table1-lte, table1-10g, mixed-fleet) "
+                                    "or a .toml path")
+    p.add_argument("--out", default=None, help="run directory (default runs/SCENARIO)")
+    p.add_argument("--rounds", type=int, default=None, help="override the scenario's rounds")
+    p.add_argument("--encoding", default=None, help="override the scenario's wire encoding")
+    p.add_argument("--codec", default=None, help="override the scenario's wire codec")
+    p.set_defaults(func=cmd_run)
     return parser, sub
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedcore.config import ConfigError
+
+    from .runner import run_scenario  # imports torch via fedserver: keep other commands fast
+
+    try:
+        return run_scenario(args.scenario, {"out": args.out, "rounds": args.rounds, "encoding": args.encoding,
+                                            "codec": args.codec})
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
