@@ -269,13 +269,32 @@ def test_cli_usage_errors_are_exit_2(capsys):
     assert cli.main(["check", "--devices", "0"]) == 2
 
 
-def test_cli_parser_is_extensible():
-    parser, sub = cli.build_parser()
-    extra = sub.add_parser("run")
-    extra.add_argument("scenario")
-    extra.set_defaults(func=lambda args: 0)
-    args = parser.parse_args(["run", "x.toml"])
-    assert args.scenario == "x.toml" and args.func(args) == 0
+def test_cli_run_takes_a_scenario_and_refuses_unknown_ones(capsys):
+    parser, _ = cli.build_parser()
+    args = parser.parse_args(["run", "mixed-fleet", "--rounds", "2"])
+    assert args.func is cli.cmd_run and args.scenario == "mixed-fleet" and args.rounds == 2
+    assert cli.main(["run", "no-such-scenario"]) == 2
+    err = capsys.readouterr().err
+    assert "table1-lte" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["table1-lte", "table1-10g", "mixed-fleet"])
+def test_ready_scenarios_load_into_simulate_configs(name):
+    from netem.runner import link_profiles, load_scenario
+
+    cfg = load_scenario(name, {"rounds": 1})
+    assert cfg.rounds == 1 and cfg.link
+    profiles = link_profiles(cfg.link, cfg.devices)
+    assert len(profiles) == cfg.devices
+
+
+def test_link_profiles_one_for_all_or_one_each():
+    from netem.runner import link_profiles
+
+    assert [p.name for p in link_profiles("lte", 3)] == ["lte"] * 3
+    assert [p.name for p in link_profiles("lte,5g", 2)] == ["lte", "5g"]
+    with pytest.raises(ValueError, match="one per device"):
+        link_profiles("lte,5g", 3)
 
 
 @pytest.mark.parametrize("argv", [["check"], ["apply", "eth0", "--profile", "lte"], ["cleanup"]])
