@@ -25,7 +25,7 @@ SERVER_PORT = 50051
 
 def link_profiles(link: str | Sequence[str], devices: int) -> list[LinkProfile]:
     """One profile per device from 'lte', 'lte,5g,...' or a list; a single one serves all."""
-    names = [s.strip() for s in (link.split(",") if isinstance(link, str) else link) if s.strip()]
+    names = _split_links(link) if isinstance(link, str) else [s.strip() for s in link if s.strip()]
     if not names:
         raise ValueError("no link profile given")
     profiles = [parse_profile(n) for n in names]
@@ -34,6 +34,19 @@ def link_profiles(link: str | Sequence[str], devices: int) -> list[LinkProfile]:
     if len(profiles) != devices:
         raise ValueError(f"{len(profiles)} link profiles for {devices} devices: give one, or one per device")
     return profiles
+
+
+def _split_links(text: str) -> list[str]:
+    """'lte,custom:down=20,up=10' -> ['lte', 'custom:down=20,up=10']: key=value parts stay with their custom."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part and ":" not in part and out and out[-1].startswith("custom:"):
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
 
 
 def simulate_with_links(cfg: SimulateConfig) -> int:

@@ -293,6 +293,8 @@ def test_link_profiles_one_for_all_or_one_each():
 
     assert [p.name for p in link_profiles("lte", 3)] == ["lte"] * 3
     assert [p.name for p in link_profiles("lte,5g", 2)] == ["lte", "5g"]
+    mixed = link_profiles("lte,custom:down=20,up=10,delay=5,3g", 3)
+    assert [(p.down_mbit, p.up_mbit) for p in mixed] == [(40, 15), (20, 10), (9.4, 1.9)]
     with pytest.raises(ValueError, match="one per device"):
         link_profiles("lte,5g", 3)
 

@@ -1,0 +1,41 @@
+"""One tiny federated round with the server and two daemons in shaped namespaces."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedserver.simulate import SimulateConfig
+from fedserver.storage import RoundLog
+from netem.runner import simulate_with_links
+from netem.tc import NetemError
+from netem.topology import list_namespaces, require_namespaces
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+@pytest.fixture(autouse=True)
+def _need_namespaces():
+    try:
+        require_namespaces()
+    except NetemError as exc:
+        pytest.skip(str(exc))
+
+
+def test_one_tiny_round_through_a_two_device_topology(tmp_path):
+    before = set(list_namespaces())
+    cfg = SimulateConfig(out=tmp_path / "run", preset="tiny", rounds=1, devices=2, devices_per_round=2,
+                         local_steps=1, batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=40,
+                         eval_size=4, round_deadline_s=300, link="lte,custom:down=20,up=10")
+    assert simulate_with_links(cfg) == 0
+    recs = {r["client"]: r for r in RoundLog(cfg.out / "rounds.jsonl").read()}
+    assert set(recs) == {"dev-00", "dev-01"} and all(r["status"] == "aggregated" for r in recs.values())
+    links = json.loads((cfg.out / "links.json").read_text())
+    assert [d["up_mbit"] for d in links["devices"]] == [15, 10]
+    assert links["tcp_settings"]["net.ipv4.tcp_slow_start_after_idle"] == "0"
+    for rec, up_mbit, down_mbit in ((recs["dev-00"], 15, 40), (recs["dev-01"], 10, 20)):
+        # A shaped link cannot move bytes faster than its rate: the upload is only
+        # acknowledged once every byte crossed the device's uplink.
+        assert rec["t_up_s"] + rec["t_wait_s"] >= 0.9 * rec["bytes_up"] * 8 / (up_mbit * 1e6)
+        assert rec["t_down_s"] >= 0.9 * rec["bytes_down"] * 8 / (down_mbit * 1e6)
+    assert set(list_namespaces()) == before, "the topology left namespaces behind"
