@@ -115,8 +115,9 @@ def train_local(
             sync()
             t1 = time.perf_counter()
             decoder_input_ids = model._shift_right(batch.labels)
+            # use_cache=False: a training step has no use for the decoder's KV cache.
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           decoder_input_ids=decoder_input_ids).logits
+                           decoder_input_ids=decoder_input_ids, use_cache=False).logits
             sync()
             t2 = time.perf_counter()
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch.labels.view(-1),

@@ -55,7 +55,7 @@ def evaluate(
                 idx = order[start : start + batch_size]
                 batch = collate([encoded[i] for i in idx], pad_id).to(device)
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               decoder_input_ids=model._shift_right(batch.labels)).logits
+                               decoder_input_ids=model._shift_right(batch.labels), use_cache=False).logits
                 loss_sum += float(F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch.labels.view(-1),
                                                   ignore_index=IGNORE_INDEX, reduction="sum"))
                 loss_tokens += int((batch.labels != IGNORE_INDEX).sum())
