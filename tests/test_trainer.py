@@ -13,19 +13,7 @@ from fedcore.models import build_model, load_tokenizer
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models are overhead-bound: a second intra-op thread adds only
-    # synchronisation, and on a shared 2-core box oversubscription costs 4x.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(None)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_local_steps_runs_exactly_n_steps_cycling_data(tok) -> None:
