@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -62,6 +63,19 @@ def test_config_fields() -> None:
     assert cfg.num_decoder_layers == cfg.num_layers == 8
     assert cfg.dropout_rate == 0.1 and not cfg.tie_word_embeddings
     assert cfg.feed_forward_proj == "gated-gelu"
+    assert t5_config("small", dropout_rate=0.0).dropout_rate == 0.0
+    tiny = t5_config("tiny")
+    assert tiny.dropout_rate == 0.0 and not tiny.tie_word_embeddings
+
+
+def test_random_model_starts_with_unit_scale_logits(tok) -> None:
+    # Initial loss near ln(vocab): the untied head is drawn at d_model**-0.5,
+    # not transformers' 1.0 (which starts tiny at a loss of ~35).
+    model = build_model("tiny", seed=0)
+    batch = collate(encode_examples(tok, synthetic_corpus(4, seed=0), 128, 95))
+    with torch.no_grad():
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    assert out.loss.item() < 1.5 * math.log(model.config.vocab_size)
 
 
 def test_build_is_seeded_and_leaves_global_rng_alone() -> None:
