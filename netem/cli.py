@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 failure (including a check outside tolerance),
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -232,7 +233,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, "argparse._SubParsersAction
     p.add_argument("--encoding", default=None, help="override the scenario's wire encoding")
     p.add_argument("--codec", default=None, help="override the scenario's wire codec")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="print the study's Table 1 layout from run directories, next to its figures")
+    p.add_argument("runs", nargs="+", help="directories written by netem run or fedserver simulate")
+    p.add_argument("--json", action="store_true", help="machine-readable rows")
+    p.set_defaults(func=cmd_report)
     return parser, sub
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import report
+
+    try:
+        rows = [report.load_run(d) for d in args.runs]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report.rows_as_dicts(rows), indent=2))
+    else:
+        print(report.render(rows))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
