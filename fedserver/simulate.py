@@ -32,7 +32,7 @@ def _h(text: str) -> dict:
 class SimulateConfig:
     out: Path = field(default=Path("runs/simulate"), metadata=_h("run directory (rounds.jsonl, summary.json, logs/)"))
     preset: str = field(default="tiny", metadata=_h("model preset: tiny, small, base, large, xl"))
-    rounds: int = field(default=5, metadata=_h("federated rounds"))
+    rounds: int = field(default=8, metadata=_h("federated rounds"))
     devices: int = field(default=10, metadata=_h("device daemons to start"))
     devices_per_round: int = field(default=3, metadata=_h("devices sampled each round"))
     encoding: str = field(default="fp32", metadata=_h("wire encoding, both directions: fp32, fp16, bf16, int8, nf4"))
@@ -42,7 +42,7 @@ class SimulateConfig:
     local_epochs: int = field(default=1, metadata=_h("local epochs per round"))
     local_steps: int = field(default=0, metadata=_h("local steps per round (0: use local_epochs)"))
     batch_size: int = field(default=32, metadata=_h("local minibatch size"))
-    learning_rate: float = field(default=3e-3, metadata=_h("local AdamW learning rate"))
+    learning_rate: float = field(default=1e-3, metadata=_h("local AdamW learning rate"))
     max_input_tokens: int = field(default=512, metadata=_h("dialogue tokens kept"))
     max_target_tokens: int = field(default=95, metadata=_h("summary tokens kept and generated"))
     data: str = field(default="builtin", metadata=_h("'builtin' or a Samsum JSON/JSONL file split over the devices"))
