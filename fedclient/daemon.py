@@ -86,8 +86,11 @@ class Daemon:
                     stub = pbg.FederationStub(channel)
                     self._join(stub)
                     attempt = 0
-                    if self._serve(stub) and not self.cfg.stay_after_shutdown:
-                        return 0
+                    if self._serve(stub):
+                        if not self.cfg.stay_after_shutdown:
+                            return 0
+                        # The old run is still answering SHUTDOWN; wait before asking again.
+                        time.sleep(self.cfg.retry_max_s)
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
