@@ -26,7 +26,7 @@ def device_main(args: argparse.Namespace) -> int:
 
     from fedclient.transfer import download, upload
     from fedcore.wire import TransferSpec
-    from fedserver.service import CHANNEL_OPTIONS
+    from fedcore.channel import CHANNEL_OPTIONS
     from fedtune.v1 import fedtune_pb2 as pb
     from fedtune.v1 import fedtune_pb2_grpc as pbg
 

@@ -23,7 +23,8 @@ import grpc
 from fedcore.wire import TransferSpec
 from fedserver.app import build_coordinator
 from fedserver.config import ServerConfig
-from fedserver.service import CHANNEL_OPTIONS, make_server
+from fedcore.channel import CHANNEL_OPTIONS
+from fedserver.service import make_server
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 from fedclient.transfer import download, upload

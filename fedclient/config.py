@@ -23,7 +23,6 @@ class ClientConfig:
     alpha: float = field(default=1.0, metadata=_h("Dirichlet concentration of the split"))
     # model
     weights_dir: Path | None = field(default=None, metadata=_h("local Hugging Face dir for the tokenizer"))
-    cache_dir: Path | None = field(default=None, metadata=_h("keep the last global model here across restarts"))
     device: str = field(default="auto", metadata=_h("torch device: auto, cpu, cuda, cuda:1"))
     threads: int = field(default=0, metadata=_h("torch CPU threads (0: torch's default)"))
     # connection

@@ -16,7 +16,7 @@ import fedcore
 from fedcore.data import Example, dirichlet_partition, load_corpus
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
 from fedcore.wire import ENCODINGS, CODECS, TransferSpec, codec_name, encoding_name
-from fedserver.service import CHANNEL_OPTIONS  # the one place channel limits are set
+from fedcore.channel import CHANNEL_OPTIONS
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 

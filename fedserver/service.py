@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import fedcore
+from fedcore.channel import CHANNEL_OPTIONS
 from fedcore.wire import WireError
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -19,8 +20,6 @@ from .rounds import Coordinator, RoundError
 log = logging.getLogger("fedserver.service")
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-# A chunk of 2^24 fp32 elements plus framing; anything larger is refused by gRPC itself.
-MAX_MESSAGE_BYTES = 80 << 20
 
 _ROUND_CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,
@@ -31,17 +30,6 @@ _ROUND_CODES = {
     "aborted": grpc.StatusCode.ABORTED,
 }
 _WIRE_CODES = {"checksum": grpc.StatusCode.DATA_LOSS, "digest": grpc.StatusCode.DATA_LOSS}
-
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Devices sit behind carrier NATs that drop idle flows after a few minutes.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
