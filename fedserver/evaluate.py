@@ -46,6 +46,11 @@ def evaluate(
     loss_sum = 0.0
     loss_tokens = 0
 
+    # A model whose vocabulary is larger than its tokenizer's (FLAN-T5's 32128
+    # rows with ByT5's 384 bytes, or the 28 padding rows of the T5 tokenizer)
+    # must not emit ids the tokenizer cannot turn back into text.
+    vocab = model.get_output_embeddings().weight.shape[0]
+    undecodable = list(range(len(tokenizer), vocab)) or None
     was_training = model.training
     model.to(device)
     model.eval()
@@ -60,7 +65,7 @@ def evaluate(
                                                   ignore_index=IGNORE_INDEX, reduction="sum"))
                 loss_tokens += int((batch.labels != IGNORE_INDEX).sum())
                 generated = model.generate(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, suppress_tokens=undecodable,
                     max_new_tokens=max_target_tokens, do_sample=False, num_beams=1,
                     decoder_start_token_id=model.config.decoder_start_token_id,
                     pad_token_id=pad_id, eos_token_id=model.config.eos_token_id,

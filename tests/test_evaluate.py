@@ -66,3 +66,17 @@ def test_training_raises_rouge_l(tok) -> None:
     after = evaluate(model, tok, held_out, CPU, **kw)
     assert after.loss < 0.5 * before.loss
     assert after.rougeL > before.rougeL + 5.0
+
+
+def test_model_vocabulary_larger_than_the_tokenizer_is_evaluated(tok):
+    # FLAN-T5's 32128-row vocabulary with the byte tokenizer: generation must
+    # stay inside the ids the tokenizer can decode.
+    from fedcore.models import ModelPreset
+
+    preset = ModelPreset("wide-vocab", d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=4096)
+    model = build_model(preset, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight[len(tok):] += 10.0  # make the undecodable ids the likeliest
+    r = evaluate(model, tok, synthetic_corpus(4, seed=1), CPU, batch_size=4, max_input_tokens=64,
+                 max_target_tokens=8)
+    assert r.n == 4 and 0.0 <= r.rougeL <= 100.0
