@@ -28,6 +28,7 @@ def test_report_rows_follow_the_study_definitions(tmp_path):
     assert row.t_comp_s == pytest.approx(10.5)
     assert row.t_comp_100k_s == pytest.approx(21.0)  # 10.5 s for 50K tokens
     assert row.g == pytest.approx(10.5 / 226) and row.g_100k == pytest.approx(21.0 / 226)
+    assert row.g_orin == pytest.approx(14 / 226)  # the study's Orin: 14 s per 100K tokens for Small
     text = render([row])
     assert "T_comm 218 s" in text and "G Orin 0.064" in text
 
