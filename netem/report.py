@@ -105,18 +105,18 @@ def _study_cells(row: Row) -> str:
 
 
 def render(rows: list[Row]) -> str:
-    head = (f"{'run':<14} {'model':<6} {'wire':<10} {'link':<22} {'wire MB':>8} {'T_up s':>8} {'T_down s':>8} "
+    head = (f"{'run':<18} {'model':<6} {'wire':<10} {'link':<22} {'wire MB':>8} {'T_up s':>8} {'T_down s':>8} "
             f"{'T_comm s':>8} {'T_comp s':>8} {'comp/100K s':>11} {'G':>8} {'G(100K)':>8} {'G Orin':>7}")
     lines = ["Table 1 layout (Woisetschläger et al. 2023): measured per device and round, mean over "
              "aggregated updates", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.run:<14.14} {r.preset:<6} {r.wire:<10} {r.link:<22.22} {r.wire_mb:8.1f} {r.t_up_s:8.2f} "
+        lines.append(f"{r.run:<18.18} {r.preset:<6} {r.wire:<10} {r.link:<22.22} {r.wire_mb:8.1f} {r.t_up_s:8.2f} "
                      f"{r.t_down_s:8.2f} {r.t_comm_s:8.2f} {r.t_comp_s:8.2f} {r.t_comp_100k_s:11.2f} {r.g:8.4f} "
                      f"{r.g_100k:8.4f} {r.g_orin:7.4f}")
     lines.append("")
     lines.append("study, same model and link:")
     for r in rows:
-        lines.append(f"  {r.run:<14.14} {_study_cells(r)}")
+        lines.append(f"  {r.run:<18.18} {_study_cells(r)}")
     lines.append("G = T_comp / T_comm with T_comp measured here (this machine's CPU); G(100K) uses T_comp "
                  "normalised to 100K tokens, as the study does;\n"
                  "G Orin puts the study's Jetson AGX Orin compute time per 100K tokens over our measured T_comm.")
