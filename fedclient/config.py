@@ -5,31 +5,29 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-def _h(text: str) -> dict:
-    return {"help": text}
+from fedcore.config import described
 
 
 @dataclass
 class ClientConfig:
-    server: str = field(default="127.0.0.1:50051", metadata=_h("server address host:port (the device dials out)"))
-    device_id: str = field(default_factory=socket.gethostname, metadata=_h("this device's id (default: hostname)"))
+    server: str = field(default="127.0.0.1:50051", metadata=described("server address host:port (the device dials out)"))
+    device_id: str = field(default_factory=socket.gethostname, metadata=described("this device's id (default: hostname)"))
     # local data: never leaves the device
-    data: str = field(default="builtin", metadata=_h("'builtin' synthetic corpus or a Samsum JSON/JSONL file"))
-    data_size: int = field(default=2000, metadata=_h("examples of the built-in corpus (or first N of a file; 0: all)"))
-    data_seed: int = field(default=0, metadata=_h("seed of the built-in corpus and of the partition"))
-    partitions: int = field(default=0, metadata=_h("split the data Dirichlet-wise into this many parts (0: keep all)"))
-    partition: int = field(default=0, metadata=_h("which part this device keeps"))
-    alpha: float = field(default=1.0, metadata=_h("Dirichlet concentration of the split"))
+    data: str = field(default="builtin", metadata=described("'builtin' synthetic corpus or a Samsum JSON/JSONL file"))
+    data_size: int = field(default=2000, metadata=described("examples of the built-in corpus (or first N of a file; 0: all)"))
+    data_seed: int = field(default=0, metadata=described("seed of the built-in corpus and of the partition"))
+    partitions: int = field(default=0, metadata=described("split the data Dirichlet-wise into this many parts (0: keep all)"))
+    partition: int = field(default=0, metadata=described("which part this device keeps"))
+    alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split"))
     # model
-    weights_dir: Path | None = field(default=None, metadata=_h("local Hugging Face dir for the tokenizer"))
-    device: str = field(default="auto", metadata=_h("torch device: auto, cpu, cuda, cuda:1"))
-    threads: int = field(default=0, metadata=_h("torch CPU threads (0: torch's default)"))
+    weights_dir: Path | None = field(default=None, metadata=described("local Hugging Face dir for the tokenizer"))
+    device: str = field(default="auto", metadata=described("torch device: auto, cpu, cuda, cuda:1"))
+    threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)"))
     # connection
-    retry_initial_s: float = field(default=1.0, metadata=_h("first reconnect delay"))
-    retry_max_s: float = field(default=30.0, metadata=_h("longest reconnect delay (backoff with jitter)"))
-    transfer_retries: int = field(default=8, metadata=_h("resumed attempts per download or upload"))
-    stay_after_shutdown: bool = field(default=False, metadata=_h("keep waiting for a new run when one ends"))
+    retry_initial_s: float = field(default=1.0, metadata=described("first reconnect delay"))
+    retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)"))
+    transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload"))
+    stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
 
     def validate(self) -> None:
         if ":" not in self.server:

@@ -6,7 +6,6 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import psutil

@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A config file or flag that cannot be used, with the reason."""
 
 
+def described(text: str) -> dict[str, str]:
+    """Field metadata carrying a flag's help text: ``field(default=..., metadata=described("..."))``."""
+    return {"help": text}
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

@@ -425,7 +425,7 @@ class Coordinator:
         if len(got) < self.cfg.min_updates:
             log.warning("round %d attempt %d: %d of %d updates before the deadline, need %d; retrying",
                         number, attempt, len(got), len(cur.assignments), self.cfg.min_updates)
-            self._log_devices(cur, status_only=True)
+            self._log_devices(cur)
             return False
         self._aggregate(cur)
         return True
@@ -448,7 +448,7 @@ class Coordinator:
         records = self._log_devices(cur)
         self._record_round(self._summary(cur, records, ev, t_agg))
 
-    def _log_devices(self, cur: RoundState, status_only: bool = False) -> list[dict[str, Any]]:
+    def _log_devices(self, cur: RoundState) -> list[dict[str, Any]]:
         records = []
         for a in cur.assignments.values():
             m = dict(a.metrics or {})

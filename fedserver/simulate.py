@@ -15,46 +15,42 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedcore.config import to_dict
+from fedcore.config import described, to_dict
 
 from .config import ServerConfig
 
 
-def _h(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class SimulateConfig:
-    out: Path = field(default=Path("runs/simulate"), metadata=_h("run directory (rounds.jsonl, summary.json, logs/)"))
-    preset: str = field(default="tiny", metadata=_h("model preset: tiny, small, base, large, xl"))
-    rounds: int = field(default=8, metadata=_h("federated rounds"))
-    devices: int = field(default=10, metadata=_h("device daemons to start"))
-    devices_per_round: int = field(default=3, metadata=_h("devices sampled each round"))
-    encoding: str = field(default="fp32", metadata=_h("wire encoding, both directions: fp32, fp16, bf16, int8, nf4"))
-    codec: str = field(default="none", metadata=_h("wire codec, both directions: none or zstd"))
-    strategy: str = field(default="fedavg", metadata=_h("fedavg, fedadam, fedadamw or fedyogi"))
-    server_lr: float | None = field(default=None, metadata=_h("server learning rate (default: the strategy's)"))
-    local_epochs: int = field(default=1, metadata=_h("local epochs per round"))
-    local_steps: int = field(default=0, metadata=_h("local steps per round (0: use local_epochs)"))
-    batch_size: int = field(default=32, metadata=_h("local minibatch size"))
-    learning_rate: float = field(default=1e-3, metadata=_h("local AdamW learning rate"))
-    max_input_tokens: int = field(default=512, metadata=_h("dialogue tokens kept"))
-    max_target_tokens: int = field(default=95, metadata=_h("summary tokens kept and generated"))
-    data: str = field(default="builtin", metadata=_h("'builtin' or a Samsum JSON/JSONL file split over the devices"))
-    data_size: int = field(default=2000, metadata=_h("training examples over all devices"))
-    alpha: float = field(default=1.0, metadata=_h("Dirichlet concentration of the split over devices"))
-    eval_size: int = field(default=48, metadata=_h("held-out examples evaluated each round"))
-    weights_dir: Path | None = field(default=None, metadata=_h("local Hugging Face dir with FLAN-T5 weights"))
-    seed: int = field(default=0, metadata=_h("seed of data, split, sampling and init"))
-    round_deadline_s: float = field(default=600.0, metadata=_h("seconds a round waits for its updates"))
-    threads_per_device: int = field(default=1, metadata=_h("torch threads per daemon"))
-    save_updates: bool = field(default=False, metadata=_h("keep every received update under out/updates"))
-    link: str | None = field(default=None, metadata=_h("put every device behind an emulated link profile "
+    out: Path = field(default=Path("runs/simulate"), metadata=described("run directory (rounds.jsonl, summary.json, logs/)"))
+    preset: str = field(default="tiny", metadata=described("model preset: tiny, small, base, large, xl"))
+    rounds: int = field(default=8, metadata=described("federated rounds"))
+    devices: int = field(default=10, metadata=described("device daemons to start"))
+    devices_per_round: int = field(default=3, metadata=described("devices sampled each round"))
+    encoding: str = field(default="fp32", metadata=described("wire encoding, both directions: fp32, fp16, bf16, int8, nf4"))
+    codec: str = field(default="none", metadata=described("wire codec, both directions: none or zstd"))
+    strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi"))
+    server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)"))
+    local_epochs: int = field(default=1, metadata=described("local epochs per round"))
+    local_steps: int = field(default=0, metadata=described("local steps per round (0: use local_epochs)"))
+    batch_size: int = field(default=32, metadata=described("local minibatch size"))
+    learning_rate: float = field(default=1e-3, metadata=described("local AdamW learning rate"))
+    max_input_tokens: int = field(default=512, metadata=described("dialogue tokens kept"))
+    max_target_tokens: int = field(default=95, metadata=described("summary tokens kept and generated"))
+    data: str = field(default="builtin", metadata=described("'builtin' or a Samsum JSON/JSONL file split over the devices"))
+    data_size: int = field(default=2000, metadata=described("training examples over all devices"))
+    alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split over devices"))
+    eval_size: int = field(default=48, metadata=described("held-out examples evaluated each round"))
+    weights_dir: Path | None = field(default=None, metadata=described("local Hugging Face dir with FLAN-T5 weights"))
+    seed: int = field(default=0, metadata=described("seed of data, split, sampling and init"))
+    round_deadline_s: float = field(default=600.0, metadata=described("seconds a round waits for its updates"))
+    threads_per_device: int = field(default=1, metadata=described("torch threads per daemon"))
+    save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
+    link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
 
     def validate(self) -> None:
@@ -248,6 +244,3 @@ def _stop_all(procs: list[tuple[str, subprocess.Popen, TextIO]], wait_s: float) 
             p.wait()
         fh.close()
 
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(SimulateConfig)]

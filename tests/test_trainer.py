@@ -8,7 +8,7 @@ import torch
 
 from fedclient.trainer import StepTimes, TrainResult, TrainSettings, train_local
 from fedcore.data import synthetic_corpus
-from fedcore.models import build_model, load_tokenizer
+from fedcore.models import build_model
 
 CPU = torch.device("cpu")
 
