@@ -15,7 +15,7 @@ import fedcore
 from fedcore.data import Example, dirichlet_partition, load_corpus
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
 from fedcore.wire import ENCODINGS, CODECS, TransferSpec, codec_name, encoding_name
-from fedcore.channel import CHANNEL_OPTIONS
+from fedcore.channel import open_channel
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
@@ -81,7 +81,7 @@ class Daemon:
         attempt = 0
         while not self._stop:
             try:
-                with grpc.insecure_channel(self.cfg.server, options=CHANNEL_OPTIONS) as channel:
+                with open_channel(self.cfg.server, self.cfg.security()) as channel:
                     stub = pbg.FederationStub(channel)
                     self._join(stub)
                     attempt = 0

@@ -23,6 +23,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                                           "per-round table")
     sim.add_argument("--config", type=Path, default=None, help="TOML file with simulate settings")
     cfgmod.add_arguments(sim, SimulateConfig)
+    certs = sub.add_parser("certs", help="create a CA, a server certificate and per-device client certificates "
+                                         "for mutual TLS")
+    certs.add_argument("--out", type=Path, required=True, help="directory to write them to (keys get mode 0600)")
+    certs.add_argument("--devices", required=True, help="comma-separated device ids, e.g. orin-01,orin-02")
+    certs.add_argument("--server-names", default="localhost,127.0.0.1",
+                       help="comma-separated host names and IP addresses the devices dial the server by "
+                            "(default: localhost,127.0.0.1)")
+    certs.add_argument("--admins", default="admin", help="comma-separated operator names (certificates that may "
+                                                         "call status RPCs but never act for a device)")
     return ap, sub
 
 
@@ -46,7 +55,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate.run(cfg)
 
 
-COMMANDS = {"run": cmd_run, "simulate": cmd_simulate}
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .certs import write_fleet
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    names = [n.strip() for n in args.server_names.split(",") if n.strip()]
+    admins = [a.strip() for a in args.admins.split(",") if a.strip()]
+    fleet = write_fleet(args.out, devices, names, admins)
+    out = fleet.out
+    print(f"CA          {fleet.ca_cert}  (key {out / 'ca.key'}: keep it offline)")
+    print(f"server      {fleet.server_cert}, {fleet.server_key}  for {', '.join(names)}")
+    for a in admins:
+        print(f"admin       {out / (a + '.pem')}, {out / (a + '.key')}")
+    first = devices[0]
+    print(f"devices     {len(devices)} in {out / 'devices'}: <id>.pem, <id>.key (fedtune://device/<id>)")
+    print(f"tokens      {fleet.tokens}  (only for TLS without client certificates)")
+    print("\nserver.toml:")
+    print(f'  tls_cert = "{fleet.server_cert}"\n  tls_key = "{fleet.server_key}"\n  tls_ca = "{fleet.ca_cert}"')
+    print(f"device.toml ({first}):")
+    c, k = fleet.device(first)
+    print(f'  device_id = "{first}"\n  tls_ca = "{fleet.ca_cert}"\n  tls_cert = "{c}"\n  tls_key = "{k}"')
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "simulate": cmd_simulate, "certs": cmd_certs}
 
 
 def main(argv: list[str] | None = None) -> int:

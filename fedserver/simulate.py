@@ -7,6 +7,7 @@ real fleet.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -52,11 +53,17 @@ class SimulateConfig:
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
+    insecure: bool = field(default=False, metadata=described("plaintext gRPC instead of mutual TLS with a fleet of "
+                                                         "certificates made in OUT/certs"))
 
     def validate(self) -> None:
         if self.devices < 1 or not 1 <= self.devices_per_round <= self.devices:
             raise ValueError(f"need 1 <= devices_per_round ({self.devices_per_round}) <= devices ({self.devices})")
-        self.server_config(Path("."), 0).validate()
+        # Certificates are made when the run starts; check everything else now.
+        dataclasses.replace(self.server_config(Path("."), 0), insecure=True).validate()
+
+    def device_ids(self) -> list[str]:
+        return [f"dev-{i:02d}" for i in range(self.devices)]
 
     def server_config(self, out: Path, port: int, host: str = "127.0.0.1") -> ServerConfig:
         return ServerConfig(
@@ -67,10 +74,11 @@ class SimulateConfig:
             max_input_tokens=self.max_input_tokens, max_target_tokens=self.max_target_tokens,
             strategy=self.strategy, server_lr=self.server_lr, download_encoding=self.encoding,
             download_codec=self.codec, upload_encoding=self.encoding, upload_codec=self.codec,
-            eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates)
+            eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates,
+            insecure=self.insecure)
 
     def client_args(self, i: int, server: str) -> list[str]:
-        args = ["--server", server, "--device-id", f"dev-{i:02d}", "--data", self.data,
+        args = ["--server", server, "--device-id", self.device_ids()[i], "--data", self.data,
                 "--data-size", str(self.data_size), "--data-seed", str(self.seed), "--partitions", str(self.devices),
                 "--partition", str(i), "--alpha", str(self.alpha), "--threads", str(self.threads_per_device),
                 "--retry-initial-s", "0.5", "--retry-max-s", "5"]
@@ -160,6 +168,13 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
         shutil.rmtree(out / "checkpoints")
     port = launcher.port or free_port()
     scfg = cfg.server_config(out, port, launcher.listen_host)
+    fleet = None
+    if not cfg.insecure:
+        from .certs import write_fleet
+
+        # The server certificate must name the address the daemons dial.
+        fleet = write_fleet(out / "certs", cfg.device_ids(), [launcher.server_host, "localhost", "127.0.0.1"])
+        scfg = dataclasses.replace(scfg, **fleet.server_settings())
     write_toml(out / "server.toml", to_dict(scfg))
     (out / "simulate.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
@@ -169,11 +184,14 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     procs.append(("server", *_spawn(server_argv, logs / "server.log")))
     server_addr = f"{launcher.server_host}:{port}"
     for i in range(cfg.devices):
-        argv = launcher.wrap_device(i, [py, "-m", "fedclient", "run", *cfg.client_args(i, server_addr)])
-        procs.append((f"dev-{i:02d}", *_spawn(argv, logs / f"dev-{i:02d}.log")))
+        dev = cfg.device_ids()[i]
+        tls = fleet.client_args(dev) if fleet else ["--insecure", "true"]
+        argv = launcher.wrap_device(i, [py, "-m", "fedclient", "run", *cfg.client_args(i, server_addr), *tls])
+        procs.append((dev, *_spawn(argv, logs / f"{dev}.log")))
+    security = f"mutual TLS (certificates in {fleet.out})" if fleet else "PLAINTEXT (--insecure)"
     echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, preset {cfg.preset}, "
-         f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {cfg.encoding}/{cfg.codec}, {cfg.strategy}; "
-         f"logs in {logs}")
+         f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {cfg.encoding}/{cfg.codec}, {cfg.strategy}, "
+         f"{security}; logs in {logs}")
     server = procs[0][1]
     printed = 0
     t0 = time.monotonic()
