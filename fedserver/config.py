@@ -79,6 +79,8 @@ class ServerConfig:
     max_chunk_elems: int = field(default=1 << 20, metadata=described("largest chunk an upload may declare (elements)"))
     max_update_bytes: int = field(default=0, metadata=described("wire bytes one upload may send, retries included "
                                                             "(0: 2x the model at fp32)"))
+    max_update_chunks: int = field(default=0, metadata=described("chunks one upload may send, retries included "
+                                                             "(0: twice the chunks the model needs, plus 16)"))
     max_update_norm: float = field(default=1e4, metadata=described("refuse an update whose L2 norm of (update - global "
                                                                "model) is larger (0: no bound)"))
     clip_update_norm: float = field(default=0.0, metadata=described("scale an update's delta down to this L2 norm "

@@ -307,7 +307,7 @@ class Coordinator:
             a.status = "uploading"
             a.num_samples = h.num_samples
             chunks = sum(len(f) for f in receiver.received)
-            sess = UploadSession(a, h, receiver, self.max_update_bytes, 2 * chunks + 16)
+            sess = UploadSession(a, h, receiver, self.max_update_bytes, self.cfg.max_update_chunks or 2 * chunks + 16)
             self._uploads[h.task_id] = sess
             return sess
 
