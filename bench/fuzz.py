@@ -381,12 +381,16 @@ def _no_retry(_attempt: int) -> None:
     raise RuntimeError("no retries in the fuzz harness")
 
 
-def join_and_wait(stub: pbg.FederationStub, device_id: str) -> tuple[str, pb.Task]:
+def join_and_wait(stub: pbg.FederationStub, device_id: str, polls: int = 300) -> tuple[str, pb.Task]:
+    """Join and long-poll until the device is given a task."""
     j = stub.Join(pb.JoinRequest(device_id=device_id, num_samples=10), timeout=60, wait_for_ready=True)
-    while True:
+    for _ in range(polls):
         task = stub.GetTask(pb.TaskRequest(device_id=device_id, session_id=j.session_id), timeout=120)
         if task.kind == pb.Task.TRAIN:
             return j.session_id, task
+        if task.kind == pb.Task.SHUTDOWN:
+            break
+    raise RuntimeError(f"{device_id} was given no task after {polls} polls")
 
 
 def run_fuzz(address: str, fuzzer: ClientSecurity, honest: ClientSecurity, inputs: int, seed: int,
