@@ -38,6 +38,8 @@ from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 SERVICE = "/fedtune.v1.Federation/"
+# Generous: a deadline hit on a loaded machine would be counted as an answer the server never gave.
+TIMEOUT_S = 300.0
 KINDS = ("random_bytes", "malformed_protobuf", "wrong_ids", "oversized", "bad_checksum", "bad_chunk_fields",
          "out_of_order", "duplicate_chunks", "truncated_stream", "random_stream")
 # Share of the inputs per kind: cheap unary kinds carry most of the count.
@@ -154,8 +156,8 @@ class Fuzzer:
 
     # ----------------------------------------------------------------- senders
     def send_unary_batch(self, report: FuzzReport, kind: str, calls: list[tuple[str, bytes]],
-                         window: int = 64) -> None:
-        """Pipelined unary calls: up to `window` in flight on the one channel."""
+                         window: int = 8) -> None:
+        """Pipelined unary calls: up to `window` in flight on the one channel (the server caps concurrent RPCs)."""
         inflight: list[grpc.Future] = []
 
         def drain(n: int) -> None:
@@ -172,12 +174,12 @@ class Fuzzer:
                 drain(0)
                 report.record(kind, self._download(data))
                 continue
-            inflight.append(self.unary[method].future(data, timeout=30))
+            inflight.append(self.unary[method].future(data, timeout=TIMEOUT_S))
             drain(window)
         drain(0)
 
     def _download(self, data: bytes) -> grpc.StatusCode:
-        call = self.download(data, timeout=30)
+        call = self.download(data, timeout=TIMEOUT_S)
         try:
             # The manifest comes first even for a bad resume position; the first chunk shows it was served.
             for n, _ in enumerate(call):
@@ -190,7 +192,7 @@ class Fuzzer:
 
     def send_stream(self, report: FuzzReport, kind: str, messages: list[bytes]) -> None:
         try:
-            self.upload(iter(messages), timeout=30)
+            self.upload(iter(messages), timeout=TIMEOUT_S)
             report.record(kind, grpc.StatusCode.OK)
         except grpc.RpcError as exc:
             report.record(kind, _code_of(exc))
@@ -364,11 +366,11 @@ class HonestDevice:
         while not self.stop.is_set():
             try:
                 state, _ = download(self.stub, self.dev, self.sid, self.task.model_version, None, 0, _no_retry,
-                                    timeout=60)
+                                    timeout=TIMEOUT_S)
                 if state_digest(unique_tensors(state)) != self.task.model_version:
                     self.failed.append("downloaded model does not match its version")
                 st = self.stub.UploadStatus(pb.UploadStatusRequest(device_id=self.dev, session_id=self.sid,
-                                                                   task_id=self.task.task_id), timeout=30)
+                                                                   task_id=self.task.task_id), timeout=TIMEOUT_S)
                 if st.complete:
                     self.failed.append("upload reported complete before it was sent")
                 self.ok += 1

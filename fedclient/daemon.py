@@ -97,8 +97,12 @@ class Daemon:
                     log.error("server refused this device: %s: %s", code.name, exc.details())  # type: ignore
                     return 2
                 attempt += 1
-                log.warning("server %s unreachable or lost (%s: %s); retry %d", self.cfg.server, code.name,
-                            exc.details(), attempt)  # type: ignore[attr-defined]
+                # A refused TLS handshake also looks like UNAVAILABLE from here.
+                hint = "" if self.cfg.insecure or attempt < 3 else (
+                    " (if the server is up: check tls_ca, tls_cert and tls_key, and that the server certificate "
+                    "names the host dialed)")
+                log.warning("server %s unreachable or lost (%s: %s); retry %d%s", self.cfg.server, code.name,
+                            exc.details(), attempt, hint)  # type: ignore[attr-defined]
                 self._backoff(attempt)
         return 0
 
