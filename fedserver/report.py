@@ -73,11 +73,17 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def _markdown(header: list[str], rows: list[list[str]], text_cols: int = 0) -> str:
+    """A markdown table; the first `text_cols` columns are left-aligned, numbers right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|",
-                      *(line(r) for r in rows)])
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i < text_cols else c.rjust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(":" + "-" * (w + 1) if i < text_cols else "-" * (w + 1) + ":"
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
 def _present(records: list[dict[str, Any]]) -> list[str]:
@@ -129,7 +135,7 @@ def device_table(run: Run) -> str:
             vals = [v for v in (device_figure(r, k) for r in recs) if v is not None]
             row.append(_fmt(mean(vals) if vals else None, ".4g"))
         rows.append(row)
-    return _markdown(header, rows)
+    return _markdown(header, rows, text_cols=2)
 
 
 # ------------------------------------------------------------------- plots
@@ -186,7 +192,8 @@ def plot_g(run: Run, plt: Any, out: Path) -> Path:
         xs = sorted(by_round)
         ax.plot(xs, [mean(by_round[x]) for x in xs], "o--", ms=5, lw=0.8, label=f"{prof}: mean device G")
     ax.set_yscale("log")
-    ax.set_xlabel("round")
+    _plain_log_labels(ax)
+    _rounds_axis(ax)
     ax.set_ylabel("G = T_comp / T_comm (log)")
     ax.set_title("G per round")
     ax.legend(fontsize=8)
@@ -199,9 +206,11 @@ def plot_g(run: Run, plt: Any, out: Path) -> Path:
         bx.annotate(f"{b.get_height():.3g}\n({n} updates)", (b.get_x() + b.get_width() / 2, b.get_height()),
                     ha="center", va="bottom", fontsize=8)
     bx.set_yscale("log")
+    if means:
+        bx.set_ylim(min(means) / 3, max(means) * 3)
+    _plain_log_labels(bx)
     bx.set_title("mean G per link profile")
     bx.grid(alpha=0.3, axis="y", which="both")
-    bx.margins(y=0.3)
     return _save(fig, plt, out / "g.png")
 
 
@@ -213,7 +222,7 @@ def plot_rouge(run: Run, plt: Any, out: Path) -> Path:
     ax.plot(xs, [s["rougeL"] for s in ss], "-o", color="#C44E52", lw=2, label="ROUGE-L")
     for key, style in (("rouge1", ":"), ("rouge2", "--")):
         ax.plot(xs, [s.get(key) for s in ss], style, color="gray", lw=1, label=key.upper().replace("E", "E-"))
-    ax.set_xlabel("round")
+    _rounds_axis(ax)
     ax.set_ylabel("ROUGE (0-100)")
     ax.grid(alpha=0.3)
     bx = ax.twinx()
@@ -241,12 +250,28 @@ def plot_bytes(run: Run, plt: Any, out: Path) -> Path:
             ax.bar(s["round"], mb, bottom=bottom, color=color, label=None if label in seen else label)
             seen.add(label)
             bottom += mb
-    ax.set_xlabel("round")
+    _rounds_axis(ax)
     ax.set_ylabel("MB on the wire (all devices)")
     ax.set_title("Bytes per round by direction and encoding/codec")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, plt, out / "bytes.png")
+
+
+def _rounds_axis(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+
+
+def _plain_log_labels(ax: Any) -> None:
+    """Log axes label their ticks 150 and 200, not 1.5x10^2 and 2x10^2."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
 
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:

@@ -87,4 +87,4 @@ def test_status_metrics_and_report_of_a_two_round_run(tmp_path):
         s = run.summaries[rnd]
         assert re.search(rf"^\|\s+{rnd} \|\s+2 \|\s+{s['t_comp_s']:.2f} \|\s+{s['t_comm_s']:.2f} \|", md, re.M), md
     for dev in ("dev-a", "dev-b"):
-        assert re.search(rf"^\|\s+{dev} \|\s+not emulated \|\s+2 \|", md, re.M), md
+        assert re.search(rf"^\| {dev}\s+\| not emulated\s+\|\s+2 \|", md, re.M), md
