@@ -89,6 +89,51 @@ def test_netem_unit_keeps_only_net_admin_and_clears_on_stop():
     assert svc["Type"] == ["oneshot"] and svc["RemainAfterExit"] == ["yes"]
     assert svc["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
     assert svc["ExecStop"] == [f"{INSTALL_BIN}/netem clear %i"]
+    # 'auto' probes sch_netem in a new network namespace, which RestrictNamespaces forbids.
+    assert "--backend ${NETEM_BACKEND}" in svc["ExecStart"][0] and svc["RestrictNamespaces"] == ["yes"]
+
+
+def _setpriv_in_netns_reason() -> str:
+    from test_netem_topology import _namespaces_usable
+
+    if shutil.which("setpriv") is None:
+        return "setpriv (util-linux) is not installed"
+    return _namespaces_usable()
+
+
+@pytest.mark.root
+def test_netem_apply_and_clear_need_nothing_but_cap_net_admin():
+    """What netem-link@.service keeps (CAP_NET_ADMIN, no new privileges) is enough, and needed."""
+    reason = _setpriv_in_netns_reason()
+    if reason:
+        pytest.skip(reason)
+    ns = f"fdt-{os.getpid()}-caps"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+                       check=True)
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "v0", "up"], check=True)
+
+        def netem(caps: str, *args: str) -> subprocess.CompletedProcess:
+            drop = ["setpriv", f"--bounding-set=-all{caps}", f"--inh-caps=-all{caps}", f"--ambient-caps=-all{caps}",
+                    "--no-new-privs"]
+            return subprocess.run(["ip", "netns", "exec", ns, *drop, sys.executable, "-m", "netem", *args],
+                                  capture_output=True, text=True, timeout=120)
+
+        bare = netem("", "apply", "v0", "--profile", "lte", "--backend", "htb")
+        assert bare.returncode != 0 and "Operation not permitted" in bare.stderr, bare.stderr
+        applied = netem(",+net_admin", "apply", "v0", "--profile", "lte", "--backend", "htb")
+        assert applied.returncode == 0, applied.stderr
+        shown = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "v0"], capture_output=True,
+                               text=True).stdout
+        assert "htb" in shown and "ingress" in shown, shown
+        cleared = netem(",+net_admin", "clear", "v0")
+        assert cleared.returncode == 0, cleared.stderr
+        shown = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "v0"], capture_output=True,
+                               text=True).stdout
+        assert "htb" not in shown and "ingress" not in shown, shown
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def _mdwe_supported() -> bool:
