@@ -88,3 +88,55 @@ def test_status_metrics_and_report_of_a_two_round_run(tmp_path):
         assert re.search(rf"^\|\s+{rnd} \|\s+2 \|\s+{s['t_comp_s']:.2f} \|\s+{s['t_comm_s']:.2f} \|", md, re.M), md
     for dev in ("dev-a", "dev-b"):
         assert re.search(rf"^\| {dev}\s+\| not emulated\s+\|\s+2 \|", md, re.M), md
+
+
+def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
+    """While the server lingers to tell devices the run ended, health checks already say NOT_SERVING."""
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedcore.config import to_dict
+    from fedserver.simulate import write_toml
+    from fedtune.v1 import fedtune_pb2 as pb
+    from fedtune.v1 import fedtune_pb2_grpc as pbg
+
+    port = free_port()
+    # poll_seconds bounds how long the finished server waits for a device that never polls again.
+    cfg = tiny_server_config(tmp_path / "srv", listen=f"127.0.0.1:{port}", poll_seconds=20)
+    write_toml(tmp_path / "server.toml", to_dict(cfg))
+    log = tmp_path / "server.log"
+    server = subprocess.Popen([sys.executable, "-m", "fedserver", "run", "--config", str(tmp_path / "server.toml")],
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    daemon = start_daemon(f"127.0.0.1:{port}", "dev-a", tmp_path / "a.log")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    fed = pbg.FederationStub(channel)
+    try:
+        seen = []
+        joined_silent = False
+        while server.poll() is None:
+            try:
+                st = fed.Status(pb.StatusRequest(), timeout=30)
+                h = health.Check(health_pb2.HealthCheckRequest(service="fedtune.v1.Federation"), timeout=30)
+            except grpc.RpcError:
+                time.sleep(0.5)
+                continue
+            seen.append((st.phase, health_pb2.HealthCheckResponse.ServingStatus.Name(h.status)))
+            if st.round_open and not joined_silent:
+                # A second device joins once dev-a holds the round's only task, then never polls:
+                # the finished server waits a poll period for it before exiting.
+                fed.Join(pb.JoinRequest(device_id="silent", num_samples=1), timeout=30)
+                joined_silent = True
+            if seen[-1] == ("finished", "NOT_SERVING"):
+                break
+            time.sleep(0.2)
+        assert ("training", "SERVING") in seen, seen
+        assert seen[-1] == ("finished", "NOT_SERVING"), (seen, log.read_text()[-2000:])
+        assert server.wait(600) == 0, log.read_text()[-2000:]
+    finally:
+        channel.close()
+        stop([daemon, server])
