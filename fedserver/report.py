@@ -171,10 +171,11 @@ def plot_timeline(run: Run, plt: Any, out: Path) -> Path:
     ax.set_yticks(range(len(devices)), [f"{d} ({run.profile(d)})" for d in devices])
     ax.set_ylim(-0.6, len(devices) + 0.2)
     ax.set_xlabel("seconds since round 1 started (rounds laid end to end by their wall time)")
-    ax.set_title(f"Per-round timeline per device: {run.path.name}")
+    ax.set_title(f"Per-round timeline per device: {run.path.name}", loc="left")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for _, _, c in PHASES]
-    ax.legend(handles, [p for p, _, _ in PHASES], loc="upper right", ncols=4, fontsize=8,
-              bbox_to_anchor=(1.0, -0.12 if len(devices) > 3 else -0.25))
+    # Above the plot, right of the title: below it would cover the axis label on short figures.
+    ax.legend(handles, [p for p, _, _ in PHASES], loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=4,
+              fontsize=8, frameon=False)
     return _save(fig, plt, out / "timeline.png")
 
 
@@ -192,7 +193,8 @@ def plot_g(run: Run, plt: Any, out: Path) -> Path:
         xs = sorted(by_round)
         ax.plot(xs, [mean(by_round[x]) for x in xs], "o--", ms=5, lw=0.8, label=f"{prof}: mean device G")
     ax.set_yscale("log")
-    _plain_log_labels(ax)
+    _plain_log_labels(ax, [s["g"] for s in rounds] + [g for p in per_profile.values() for gs in p.values()
+                                                       for g in gs])
     _rounds_axis(ax)
     ax.set_ylabel("G = T_comp / T_comm (log)")
     ax.set_title("G per round")
@@ -203,12 +205,12 @@ def plot_g(run: Run, plt: Any, out: Path) -> Path:
     bars = bx.bar(names, means, color="#8172B2")
     for b, p in zip(bars, names):
         n = sum(len(v) for v in per_profile[p].values())
-        bx.annotate(f"{b.get_height():.3g}\n({n} updates)", (b.get_x() + b.get_width() / 2, b.get_height()),
+        bx.annotate(f"{b.get_height():.3g}\n({n} update{'s' if n != 1 else ''})", (b.get_x() + b.get_width() / 2, b.get_height()),
                     ha="center", va="bottom", fontsize=8)
     bx.set_yscale("log")
     if means:
         bx.set_ylim(min(means) / 3, max(means) * 3)
-    _plain_log_labels(bx)
+    _plain_log_labels(bx, [min(means) / 3, max(means) * 3] if means else [])
     bx.set_title("mean G per link profile")
     bx.grid(alpha=0.3, axis="y", which="both")
     return _save(fig, plt, out / "g.png")
@@ -265,13 +267,16 @@ def _rounds_axis(ax: Any) -> None:
     ax.set_xlabel("round")
 
 
-def _plain_log_labels(ax: Any) -> None:
-    """Log axes label their ticks 150 and 200, not 1.5x10^2 and 2x10^2."""
-    from matplotlib.ticker import FuncFormatter
+def _plain_log_labels(ax: Any, values: list[float]) -> None:
+    """Log axes labelled 150, 200 (not 1.5x10^2), with fewer ticks when the values span decades."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
-    ax.yaxis.set_major_formatter(fmt)
-    ax.yaxis.set_minor_formatter(fmt)
+    pos = [v for v in values if v > 0]
+    wide = bool(pos) and max(pos) / min(pos) > 5
+    subs = (1.0, 2.0, 5.0) if wide else (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:
