@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.config import described
+from fedcore.metrics import split_listen
 
 
 @dataclass
@@ -28,6 +29,8 @@ class ClientConfig:
     retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)"))
     transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload"))
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
+    metrics_listen: str = field(default="", metadata=described("host:port for Prometheus /metrics "
+                                                              "(e.g. 127.0.0.1:9465; empty: off)"))
 
     def validate(self) -> None:
         if ":" not in self.server:
@@ -38,3 +41,5 @@ class ClientConfig:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")
+        if self.metrics_listen:
+            split_listen(self.metrics_listen)

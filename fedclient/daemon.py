@@ -13,13 +13,16 @@ import torch
 
 import fedcore
 from fedcore.data import Example, dirichlet_partition, load_corpus
+from fedcore.metrics import MetricsServer, serve_metrics
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
 from fedcore.wire import ENCODINGS, CODECS, TransferSpec, codec_name, encoding_name
 from fedcore.channel import CHANNEL_OPTIONS
+from fedcore.sdnotify import Notifier, Watchdog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 from .config import ClientConfig
+from .metrics import DeviceStats, client_registry
 from .trainer import TrainSettings, train_local
 from .transfer import download, upload
 
@@ -57,6 +60,12 @@ class Daemon:
         self.base_version = ""
         self.session_id = ""
         self._stop = False
+        self.phase = "starting"
+        self.stats = DeviceStats()
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(self.notifier, status=self._status_line)
+        self._ready = False
+        self._metrics: MetricsServer | None = None
         log.info("device %s: %d local examples, torch device %s", self.cfg.device_id, len(self.examples), self.device)
 
     # ------------------------------------------------------------ helpers
@@ -64,7 +73,17 @@ class Daemon:
         # Exponential with full jitter, so a fleet that lost the server together
         # does not come back in lockstep.
         cap = min(self.cfg.retry_max_s, self.cfg.retry_initial_s * (2 ** min(attempt, 16)))
+        self.watchdog.beat()
         time.sleep(random.uniform(self.cfg.retry_initial_s / 2, cap))
+        self.watchdog.beat()
+
+    def _status_line(self) -> str:
+        s = self.stats
+        return (f"{self.phase}; {s.rounds_completed} rounds done, {s.bytes_down / 1e6:.1f} MB down, "
+                f"{s.bytes_up / 1e6:.1f} MB up")
+
+    def _beat(self, _done: int = 0) -> None:
+        self.watchdog.beat()
 
     def stop(self) -> None:
         self._stop = True
@@ -78,6 +97,22 @@ class Daemon:
     # --------------------------------------------------------------- loop
     def run(self) -> int:
         """Serve rounds until the server says the run is over; returns an exit code."""
+        self._metrics = serve_metrics(client_registry(self.stats, self.cfg.device_id), self.cfg.metrics_listen)
+        self.watchdog.beat()
+        self.watchdog.start()
+        try:
+            code = self._loop()
+            self.phase = f"exiting ({code})"
+            return code
+        finally:
+            self.stats.connected = False
+            self.notifier.stopping(f"{self.phase}; {self.stats.rounds_completed} rounds done")
+            self.watchdog.stop()
+            if self._metrics is not None:
+                self._metrics.close()
+            self.notifier.close()
+
+    def _loop(self) -> int:
         attempt = 0
         while not self._stop:
             try:
@@ -91,6 +126,8 @@ class Daemon:
                         # The old run is still answering SHUTDOWN; wait before asking again.
                         time.sleep(self.cfg.retry_max_s)
             except grpc.RpcError as exc:
+                self.stats.connected = False
+                self.phase = f"reconnecting to {self.cfg.server}"
                 code = exc.code()  # type: ignore[attr-defined]
                 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                             grpc.StatusCode.UNAUTHENTICATED):
@@ -103,6 +140,7 @@ class Daemon:
         return 0
 
     def _join(self, stub: pbg.FederationStub) -> None:
+        self.phase = f"joining {self.cfg.server}"
         reply = stub.Join(pb.JoinRequest(device_id=self.cfg.device_id, capabilities=self._capabilities(),
                                          num_samples=len(self.examples), cached_version=self.base_version),
                           timeout=30, wait_for_ready=True)
@@ -110,18 +148,30 @@ class Daemon:
         if reply.model_config_json != self.model_config:
             self.model = model_from_config_json(reply.model_config_json)
             self.model.to(self.device)
+            # A training step of a big model can outlast the watchdog's poll; each forward pass is progress.
+            self.model.register_forward_pre_hook(lambda *_: self.watchdog.beat())
             self.model_config = reply.model_config_json
             self.base, self.base_version = None, ""
         log.info("joined %s as %s (model %s, server %s)", self.cfg.server, self.cfg.device_id,
                  reply.model_preset, reply.server_version)
+        self.stats.connected = True
+        self.phase = f"joined {self.cfg.server}, waiting for work"
+        self.watchdog.beat()
+        if not self._ready:
+            # systemd: the unit is up once the daemon is part of the fleet.
+            self.notifier.ready(f"joined {self.cfg.server} as {self.cfg.device_id}")
+            self._ready = True
 
     def _serve(self, stub: pbg.FederationStub) -> bool:
         """Poll for work; True when the server ends the run."""
         while not self._stop:
+            self.watchdog.beat()
             task = stub.GetTask(pb.TaskRequest(device_id=self.cfg.device_id, session_id=self.session_id),
                                 timeout=120)
+            self.watchdog.beat()
             if task.kind == pb.Task.SHUTDOWN:
                 log.info("server ended the run after round %d", task.round)
+                self.phase = f"server ended the run after round {task.round}"
                 return True
             if task.kind == pb.Task.TRAIN:
                 self._round(stub, task)
@@ -132,12 +182,14 @@ class Daemon:
     def _round(self, stub: pbg.FederationStub, task: pb.Task) -> None:
         assert self.model is not None
         log.info("round %d: task %s, model %s", task.round, task.task_id[:8], task.model_version[7:19])
+        self.stats.round = task.round
+        self.phase = f"round {task.round}: downloading"
         cached = self.base is not None and self.base_version == task.model_version
         t_down, bytes_down = 0.0, 0
         if not cached:
             self.base, self.base_version = None, ""
             state, dstats = download(stub, self.cfg.device_id, self.session_id, task.model_version, None,
-                                     self.cfg.transfer_retries, self._backoff)
+                                     self.cfg.transfer_retries, self._backoff, on_progress=self._beat)
             self.base, self.base_version = state, task.model_version
             t_down, bytes_down = dstats.seconds, dstats.bytes
             log.info("round %d: downloaded %.2f MB in %.2f s", task.round, bytes_down / 1e6, t_down)
@@ -149,6 +201,7 @@ class Daemon:
                                  learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
                                  max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
                                  seed=tr.seed + _stable_hash(self.cfg.device_id))
+        self.phase = f"round {task.round}: training"
         result = train_local(self.model, self.tokenizer, self.examples, settings, self.device)
         log.info("round %d: %d steps, %d tokens in %.2f s (%.0f tokens/s), loss %.4f", task.round, result.steps,
                  result.tokens, result.t_comp_s, result.tokens_per_s, result.mean_loss)
@@ -162,12 +215,14 @@ class Daemon:
             state = {k: (v - self.base[k]) if v.is_floating_point() else v for k, v in state.items()}
         header = pb.UploadHeader(device_id=self.cfg.device_id, session_id=self.session_id, task_id=task.task_id,
                                  round=task.round, base_version=task.model_version, num_samples=result.samples)
+        self.phase = f"round {task.round}: uploading"
         reply, ustats = upload(stub, header, _retie_like(state, self.model.state_dict()), spec,
-                               self.cfg.transfer_retries, self._backoff)
+                               self.cfg.transfer_retries, self._backoff, on_progress=self._beat)
         log.info("round %d: uploaded %.2f MB in %.2f s (+%.3f s server ack)", task.round, ustats.bytes / 1e6,
                  ustats.seconds, ustats.wait_s)
 
         st = result.step_times
+        extra = {"tokens_per_s": result.tokens_per_s, "steps": float(result.steps)}
         stub.ReportMetrics(pb.RoundMetrics(
             device_id=self.cfg.device_id, session_id=self.session_id, task_id=task.task_id, round=task.round,
             t_down_s=t_down, t_up_s=ustats.seconds, t_wait_s=ustats.wait_s, t_comp_s=result.t_comp_s,
@@ -176,8 +231,12 @@ class Daemon:
             step_times=pb.StepTimes(batch_loading_s=st.batch_loading_s, forward_s=st.forward_s, loss_s=st.loss_s,
                                     backward_s=st.backward_s, optimizer_step_s=st.optimizer_step_s,
                                     steps=st.steps),
-            extra={"tokens_per_s": result.tokens_per_s, "steps": float(result.steps)}), timeout=30)
+            extra=extra), timeout=30)
         self.rounds_done += 1
+        self.stats.finish_round({"round": task.round, "t_down_s": t_down, "t_up_s": ustats.seconds,
+                                 "t_wait_s": ustats.wait_s, "t_comp_s": result.t_comp_s, "bytes_down": bytes_down,
+                                 "bytes_up": ustats.bytes, "extra": dict(extra)})
+        self.phase = f"round {task.round} done, waiting for work"
 
 
 def _retie_like(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

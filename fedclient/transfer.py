@@ -30,13 +30,17 @@ class TransferStats:
 
 
 class Progress:
-    """Logs a transfer's progress at most every few seconds."""
+    """Logs a transfer's progress at most every few seconds; `on_update` hears of every chunk."""
 
-    def __init__(self, what: str, total: int, every_s: float = 5.0) -> None:
+    def __init__(self, what: str, total: int, every_s: float = 5.0,
+                 on_update: Callable[[int], None] | None = None) -> None:
         self.what, self.total, self.every_s = what, total, every_s
+        self.on_update = on_update
         self.t0 = self.last = time.monotonic()
 
     def update(self, done: int) -> None:
+        if self.on_update is not None:
+            self.on_update(done)
         now = time.monotonic()
         if now - self.last >= self.every_s:
             self.last = now
@@ -48,7 +52,8 @@ class Progress:
 def download(stub: pbg.FederationStub, device_id: str, session_id: str, version: str,
              dest: Mapping[str, torch.Tensor] | None, retries: int, backoff: Callable[[int], None],
              timeout: float | None = None, encoding: int = pb.ENCODING_UNSPECIFIED,
-             codec: int = pb.CODEC_UNSPECIFIED) -> tuple[dict[str, torch.Tensor], TransferStats]:
+             codec: int = pb.CODEC_UNSPECIFIED,
+             on_progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], TransferStats]:
     """Stream model `version` into dest (written in place), resuming after breaks."""
     stats = TransferStats()
     receiver: StateReceiver | None = None
@@ -69,7 +74,8 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
                         receiver = StateReceiver(msg.manifest, dest=dest)
                     elif msg.manifest.digest != receiver.manifest.digest:
                         raise WireError("digest", "the server changed model version during a resumed download")
-                    progress = Progress(f"download {version[7:19]}", msg.manifest.wire_bytes)
+                    progress = Progress(f"download {version[7:19]}", msg.manifest.wire_bytes,
+                                        on_update=on_progress)
                     continue
                 if receiver is None:
                     raise WireError("manifest", "download stream did not start with a manifest")
@@ -93,7 +99,8 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
 
 def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str, torch.Tensor],
            spec: TransferSpec, retries: int, backoff: Callable[[int], None],
-           timeout: float | None = None) -> tuple[pb.UploadReply, TransferStats]:
+           timeout: float | None = None,
+           on_progress: Callable[[int], None] | None = None) -> tuple[pb.UploadReply, TransferStats]:
     """Stream an update; after a break ask the server what it holds and resume there."""
     encoder = StateEncoder(state, spec)
     header.manifest.CopyFrom(encoder.manifest)
@@ -107,7 +114,7 @@ def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str
         h.CopyFrom(header)
         if start is not None:
             h.start.CopyFrom(start)
-        progress = Progress("upload", encoder.manifest.wire_bytes)
+        progress = Progress("upload", encoder.manifest.wire_bytes, on_update=on_progress)
 
         def messages() -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=h)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.config import described
+from fedcore.metrics import split_listen
 from fedcore.wire import TransferSpec, codec_id, encoding_id
 
 STRATEGIES = ("fedavg", "fedadam", "fedadamw", "fedyogi")
@@ -60,6 +61,8 @@ class ServerConfig:
     checkpoint_keep: int = field(default=3, metadata=described("checkpoints kept on disk"))
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
     threads: int = field(default=0, metadata=described("torch threads (0: torch's default)"))
+    metrics_listen: str = field(default="", metadata=described("host:port for Prometheus /metrics "
+                                                              "(e.g. 127.0.0.1:9464; empty: off)"))
 
     def validate(self) -> None:
         if self.strategy.lower() not in STRATEGIES:
@@ -79,6 +82,8 @@ class ServerConfig:
             raise ValueError(f"chunk_elems ({self.chunk_elems}) must be a multiple of block_size ({self.block_size})")
         if ":" not in self.listen:
             raise ValueError(f"listen must be host:port, got {self.listen!r}")
+        if self.metrics_listen:
+            split_listen(self.metrics_listen)
 
     @property
     def devices_needed(self) -> int:

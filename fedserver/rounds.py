@@ -28,6 +28,7 @@ from .config import ServerConfig
 from .registry import Device, Registry
 from .storage import CheckpointDir, RoundLog, write_json_atomic
 from .strategy import RunningMean, ServerStrategy
+from .transfers import TransferBoard
 
 log = logging.getLogger("fedserver.rounds")
 
@@ -101,6 +102,7 @@ class Coordinator:
     model_preset: str = ""
     model_config_json: str = ""
     on_round: Callable[[dict[str, Any]], None] | None = None
+    heartbeat: Callable[[], None] | None = None  # called while the round loop makes progress (systemd watchdog)
 
     registry: Registry = field(init=False)
     version: str = field(init=False)
@@ -123,6 +125,10 @@ class Coordinator:
         self._encoders: dict[tuple[str, int, int], StateEncoder] = {}
         self._uploads: dict[str, UploadSession] = {}
         self._stop = threading.Event()
+        self.phase = "starting"
+        self.transfers = TransferBoard()
+        self.rounds_completed_here = 0  # by this process, for the Prometheus counter
+        self.last_records: list[dict[str, Any]] = []  # the last aggregated round's per-device records
         self._resume()
 
     # ------------------------------------------------------------ model state
@@ -352,8 +358,40 @@ class Coordinator:
             self.lock.notify_all()
 
     # --------------------------------------------------------------- rounds
+    def snapshot(self) -> dict[str, Any]:
+        """What `fedserver status` and `/metrics` show: a consistent copy, safe to read from any thread."""
+        with self.lock:
+            cur = self.current
+            open_round = cur is not None and not cur.closed
+            participants = [{"device_id": a.device_id, "status": a.status, "reported": a.metrics is not None}
+                            for a in (cur.assignments.values() if cur is not None else [])]
+            snap: dict[str, Any] = {
+                "phase": self.phase,
+                "round": cur.number if cur is not None else self.round_no,
+                "round_open": open_round,
+                "rounds_total": self.cfg.rounds,
+                "rounds_completed": self.round_no,
+                "rounds_completed_here": self.rounds_completed_here,
+                "participants": participants,
+                "devices_connected": len(self.registry.alive()),
+                "devices_known": len(self.registry.devices),
+                "deadline_unix": time.time() + (cur.deadline - time.monotonic()) if open_round else 0.0,
+                "model_version": self.version,
+                "last_round": next((dict(s) for s in reversed(self.summaries) if s.get("round", 0) > 0), None),
+                "last_records": [dict(r) for r in self.last_records],
+            }
+        snap["transfers"] = self.transfers.snapshot()
+        snap["transfers_in_flight"] = self.transfers.in_flight()
+        snap["bytes_total"] = dict(self.transfers.bytes_total)
+        return snap
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat()
+
     def stop(self) -> None:
         self._stop.set()
+        self.phase = "stopping"
         with self.lock:
             self.lock.notify_all()
 
@@ -361,6 +399,8 @@ class Coordinator:
         """Run rounds until cfg.rounds are complete (or stop() is called)."""
         try:
             if self.round_no == 0 and not self.summaries:
+                self.phase = "evaluating the initial model"
+                self._beat()
                 self._record_round(self._baseline_summary())
             attempts = 0
             while self.round_no < self.cfg.rounds and not self._stop.is_set():
@@ -372,13 +412,16 @@ class Coordinator:
         finally:
             with self.lock:
                 self.finished = True
+                self.phase = "stopped" if self._stop.is_set() and self.round_no < self.cfg.rounds else "finished"
                 self.lock.notify_all()
 
     def _wait_for_devices(self) -> list[str]:
         need = self.cfg.devices_needed
         last_note = 0.0
         with self.lock:
+            self.phase = "waiting for devices"
             while not self._stop.is_set():
+                self._beat()
                 alive = self.registry.alive()
                 if len(alive) >= need:
                     return alive
@@ -404,8 +447,11 @@ class Coordinator:
             self.lock.notify_all()
         log.info("round %d: sampled %s", number, ", ".join(sampled))
         cur = self.current
+        self.transfers.new_round(number)
         with self.lock:
+            self.phase = "training"
             while not self._stop.is_set():
+                self._beat()
                 if all(a.status in ("aggregated", "late") for a in cur.assignments.values()):
                     break
                 left = cur.deadline - time.monotonic()
@@ -419,6 +465,7 @@ class Coordinator:
             # Metrics follow the upload reply by a moment; give them a short grace.
             grace_end = time.monotonic() + 5.0
             while any(a.metrics is None for a in got) and time.monotonic() < grace_end:
+                self._beat()
                 self.lock.wait(0.2)
         if self._stop.is_set():
             return False
@@ -431,6 +478,8 @@ class Coordinator:
         return True
 
     def _aggregate(self, cur: RoundState) -> None:
+        self.phase = "aggregating"
+        self._beat()
         t0 = time.monotonic()
         aliases = self._aliases()
         mean_delta = cur.mean.mean()
@@ -439,7 +488,11 @@ class Coordinator:
             self._set_global(new, aliases)
             self.round_no = cur.number
         t_agg = time.monotonic() - t0
+        self.phase = "evaluating"
+        self._beat()
         ev = self.evaluator(self.state) if self.evaluator else None
+        self.phase = "checkpointing"
+        self._beat()
         tensors = dict(self.state)  # aliases included: storage keeps ties, the file loads into a model as is
         for k, v in self.strategy.state_dict().items():
             tensors[OPT_PREFIX + k] = v
@@ -447,6 +500,8 @@ class Coordinator:
                                                     "strategy": self.strategy.name})
         records = self._log_devices(cur)
         self._record_round(self._summary(cur, records, ev, t_agg))
+        self.last_records = records
+        self.rounds_completed_here += 1
 
     def _log_devices(self, cur: RoundState) -> list[dict[str, Any]]:
         records = []

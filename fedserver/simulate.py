@@ -50,12 +50,16 @@ class SimulateConfig:
     round_deadline_s: float = field(default=600.0, metadata=described("seconds a round waits for its updates"))
     threads_per_device: int = field(default=1, metadata=described("torch threads per daemon"))
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
+    metrics_port: int = field(default=0, metadata=described("serve Prometheus /metrics: the server on 127.0.0.1:PORT, "
+                                                            "device i on PORT+1+i (0: off)"))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
 
     def validate(self) -> None:
         if self.devices < 1 or not 1 <= self.devices_per_round <= self.devices:
             raise ValueError(f"need 1 <= devices_per_round ({self.devices_per_round}) <= devices ({self.devices})")
+        if self.metrics_port and not 0 < self.metrics_port + self.devices < 65536:
+            raise ValueError(f"metrics_port {self.metrics_port}: the devices' ports would pass 65535")
         self.server_config(Path("."), 0).validate()
 
     def server_config(self, out: Path, port: int, host: str = "127.0.0.1") -> ServerConfig:
@@ -67,7 +71,8 @@ class SimulateConfig:
             max_input_tokens=self.max_input_tokens, max_target_tokens=self.max_target_tokens,
             strategy=self.strategy, server_lr=self.server_lr, download_encoding=self.encoding,
             download_codec=self.codec, upload_encoding=self.encoding, upload_codec=self.codec,
-            eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates)
+            eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates,
+            metrics_listen=f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "")
 
     def client_args(self, i: int, server: str) -> list[str]:
         args = ["--server", server, "--device-id", f"dev-{i:02d}", "--data", self.data,
@@ -76,6 +81,8 @@ class SimulateConfig:
                 "--retry-initial-s", "0.5", "--retry-max-s", "5"]
         if self.weights_dir:
             args += ["--weights-dir", str(self.weights_dir)]
+        if self.metrics_port:
+            args += ["--metrics-listen", f"127.0.0.1:{self.metrics_port + 1 + i}"]
         return args
 
 

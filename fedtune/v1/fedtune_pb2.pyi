@@ -374,3 +374,93 @@ class RoundMetrics(_message.Message):
 class MetricsAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TransferProgress(_message.Message):
+    __slots__ = ("device_id", "direction", "round", "bytes_done", "bytes_total", "rate_bytes_per_s", "seconds", "active")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    direction: str
+    round: int
+    bytes_done: int
+    bytes_total: int
+    rate_bytes_per_s: float
+    seconds: float
+    active: bool
+    def __init__(self, device_id: _Optional[str] = ..., direction: _Optional[str] = ..., round: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_s: _Optional[float] = ..., seconds: _Optional[float] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class Participant(_message.Message):
+    __slots__ = ("device_id", "status", "reported")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    status: str
+    reported: bool
+    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[str] = ..., reported: _Optional[bool] = ...) -> None: ...
+
+class RoundSummary(_message.Message):
+    __slots__ = ("round", "g", "t_comm_s", "t_comp_s", "bytes_down", "bytes_up", "rouge_l", "eval_loss", "participants")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    G_FIELD_NUMBER: _ClassVar[int]
+    T_COMM_S_FIELD_NUMBER: _ClassVar[int]
+    T_COMP_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    ROUGE_L_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    g: float
+    t_comm_s: float
+    t_comp_s: float
+    bytes_down: int
+    bytes_up: int
+    rouge_l: float
+    eval_loss: float
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., g: _Optional[float] = ..., t_comm_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., rouge_l: _Optional[float] = ..., eval_loss: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ServerStatus(_message.Message):
+    __slots__ = ("phase", "round", "round_open", "rounds_total", "rounds_completed", "participants", "devices_connected", "devices_known", "deadline_unix", "model_version", "transfers", "last_round", "bytes_down_total", "bytes_up_total", "server_version")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_OPEN_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    round: int
+    round_open: bool
+    rounds_total: int
+    rounds_completed: int
+    participants: _containers.RepeatedCompositeFieldContainer[Participant]
+    devices_connected: int
+    devices_known: int
+    deadline_unix: float
+    model_version: str
+    transfers: _containers.RepeatedCompositeFieldContainer[TransferProgress]
+    last_round: RoundSummary
+    bytes_down_total: int
+    bytes_up_total: int
+    server_version: str
+    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., round_open: _Optional[bool] = ..., rounds_total: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., devices_connected: _Optional[int] = ..., devices_known: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., model_version: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[TransferProgress, _Mapping]]] = ..., last_round: _Optional[_Union[RoundSummary, _Mapping]] = ..., bytes_down_total: _Optional[int] = ..., bytes_up_total: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
