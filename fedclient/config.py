@@ -28,6 +28,8 @@ class ClientConfig:
     retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)"))
     transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload"))
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
+    state_dir: Path | None = field(default=None, metadata=described(
+        "directory for state kept across restarts (the error-feedback residual); unset: kept in memory only"))
 
     def validate(self) -> None:
         if ":" not in self.server:
