@@ -115,7 +115,7 @@ class Daemon:
             self.model = model_from_config_json(reply.model_config_json)
             self.model.to(self.device)
             self.model_config = reply.model_config_json
-            self.base, self.base_version = None, ""
+            self.base, self.base_version, self.base_exact = None, "", False
         log.info("joined %s as %s (model %s, server %s)", self.cfg.server, self.cfg.device_id,
                  reply.model_preset, reply.server_version)
 
