@@ -31,6 +31,8 @@ class ClientConfig:
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
     metrics_listen: str = field(default="", metadata=described("host:port for Prometheus /metrics "
                                                               "(e.g. 127.0.0.1:9465; empty: off)"))
+    state_dir: Path | None = field(default=None, metadata=described(
+        "directory for state kept across restarts (the error-feedback residual); unset: kept in memory only"))
 
     def validate(self) -> None:
         if ":" not in self.server:

@@ -81,7 +81,7 @@ class FederationService(pbg.FederationServicer):
         _check_device(request.device_id, context)
         try:
             enc = self.coord.encoder_for(request.device_id, request.session_id, request.model_version,
-                                         request.encoding, request.codec)
+                                         request.encoding, request.codec, request.base_version)
             start = request.start if request.HasField("start") else None
             chunks = enc.chunks(start)
         except (RoundError, WireError) as exc:

@@ -16,12 +16,14 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BF16: _ClassVar[Encoding]
     INT8: _ClassVar[Encoding]
     NF4: _ClassVar[Encoding]
+    INT4: _ClassVar[Encoding]
 
 class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CODEC_UNSPECIFIED: _ClassVar[Codec]
     NONE: _ClassVar[Codec]
     ZSTD: _ClassVar[Codec]
+    ZSTD_BG: _ClassVar[Codec]
 
 class Payload(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,9 +37,11 @@ FP16: Encoding
 BF16: Encoding
 INT8: Encoding
 NF4: Encoding
+INT4: Encoding
 CODEC_UNSPECIFIED: Codec
 NONE: Codec
 ZSTD: Codec
+ZSTD_BG: Codec
 PAYLOAD_UNSPECIFIED: Payload
 WEIGHTS: Payload
 DELTA: Payload
@@ -55,7 +59,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("tensors", "encoding", "codec", "block_size", "chunk_elems", "digest", "payload", "wire_bytes")
+    __slots__ = ("tensors", "encoding", "codec", "block_size", "chunk_elems", "digest", "payload", "wire_bytes", "base_version")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +68,7 @@ class Manifest(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     encoding: Encoding
     codec: Codec
@@ -72,7 +77,8 @@ class Manifest(_message.Message):
     digest: str
     payload: Payload
     wire_bytes: int
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., chunk_elems: _Optional[int] = ..., digest: _Optional[str] = ..., payload: _Optional[_Union[Payload, str]] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
+    base_version: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., chunk_elems: _Optional[int] = ..., digest: _Optional[str] = ..., payload: _Optional[_Union[Payload, str]] = ..., wire_bytes: _Optional[int] = ..., base_version: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("tensor", "dtype", "shape", "offset", "count", "encoding", "codec", "block_size", "scales", "payload", "crc32c", "raw_len")
@@ -173,20 +179,22 @@ class TrainingSettings(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class TransferSettings(_message.Message):
-    __slots__ = ("encoding", "codec", "zstd_level", "block_size", "chunk_elems", "payload")
+    __slots__ = ("encoding", "codec", "zstd_level", "block_size", "chunk_elems", "payload", "error_feedback")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     ZSTD_LEVEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ELEMS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     encoding: Encoding
     codec: Codec
     zstd_level: int
     block_size: int
     chunk_elems: int
     payload: Payload
-    def __init__(self, encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., zstd_level: _Optional[int] = ..., block_size: _Optional[int] = ..., chunk_elems: _Optional[int] = ..., payload: _Optional[_Union[Payload, str]] = ...) -> None: ...
+    error_feedback: bool
+    def __init__(self, encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., zstd_level: _Optional[int] = ..., block_size: _Optional[int] = ..., chunk_elems: _Optional[int] = ..., payload: _Optional[_Union[Payload, str]] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("device_id", "session_id")
@@ -227,20 +235,22 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., model_version: _Optional[str] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., upload: _Optional[_Union[TransferSettings, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("device_id", "session_id", "model_version", "start", "encoding", "codec")
+    __slots__ = ("device_id", "session_id", "model_version", "start", "encoding", "codec", "base_version")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     session_id: str
     model_version: str
     start: Position
     encoding: Encoding
     codec: Codec
-    def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_version: _Optional[str] = ..., start: _Optional[_Union[Position, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ...) -> None: ...
+    base_version: str
+    def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_version: _Optional[str] = ..., start: _Optional[_Union[Position, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., base_version: _Optional[str] = ...) -> None: ...
 
 class DownloadMessage(_message.Message):
     __slots__ = ("manifest", "chunk")
