@@ -1,7 +1,15 @@
 """Wire codec figures for a FLAN-T5 preset: bytes on the wire, speed and round-trip error per encoding x codec.
 
-    python -m bench.codec --preset small [--json] [--encodings fp32 int8] [--codecs none zstd]
-                          [--zstd-level 3] [--block-size 64] [--weights-dir DIR]
+    python -m bench.codec --preset small [--json] [--encodings fp32 int8] [--codecs none zstd zstd-bg]
+                          [--zstd-level 3] [--block-size 64] [--weights-dir DIR] [--deltas STEPS]
+
+With --deltas STEPS the same table is printed a second time for a real
+update delta: the model fine-tuned STEPS local steps (AdamW, built-in corpus,
+as a device does in a round) minus the model before, which is what delta
+uploads and broadcast deltas carry. Weights and deltas compress differently:
+a delta's exponents spread over a narrow band of small magnitudes, and
+random-init weights have no trained structure, so figures for real FLAN-T5
+weights differ again.
 
 Speeds are MB/s of fp32 input (the state with tied tensors once, 4 bytes per
 element) over the full encode iterator and over the full receive + finish()
@@ -47,6 +55,7 @@ class Row:
     decode_mb_s: float
     max_abs_err: float
     mean_abs_err: float
+    rel_err: float           # ||received - sent|| / ||sent|| over all float elements
 
 
 def measure(state: dict[str, torch.Tensor], spec: TransferSpec, fp32_bytes: int, digest: str) -> Row:
@@ -73,7 +82,7 @@ def measure(state: dict[str, torch.Tensor], spec: TransferSpec, fp32_bytes: int,
     out = receiver.finish()
     t_dec += time.perf_counter() - t0
 
-    max_err, sum_err, n = 0.0, 0.0, 0
+    max_err, sum_err, n, sq_err, sq_ref = 0.0, 0.0, 0, 0.0, 0.0
     for e in encoder.entries:
         a, b = e.tensor.detach(), out[e.name]
         if a.numel() == 0:
@@ -82,9 +91,12 @@ def measure(state: dict[str, torch.Tensor], spec: TransferSpec, fp32_bytes: int,
         max_err = max(max_err, diff.max().item())
         sum_err += diff.sum().item()
         n += a.numel()
+        if a.dtype.is_floating_point:
+            sq_err += diff.pow(2).sum().item()
+            sq_ref += a.double().pow(2).sum().item()
     return Row(spec.encoding, spec.codec, wire, payload, chunks, wire / fp32_bytes, t_enc, t_dec,
                fp32_bytes / MB / t_enc if t_enc else float("inf"), fp32_bytes / MB / t_dec if t_dec else float("inf"),
-               max_err, sum_err / max(n, 1))
+               max_err, sum_err / max(n, 1), (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0)
 
 
 def _names(values: list[str], allowed: dict[str, int], what: str) -> list[str]:
@@ -112,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: a stream is encoded and received chunk by chunk on "
                          "one thread, and a server runs one per client; 0 keeps torch's default)")
+    ap.add_argument("--deltas", type=int, default=0, metavar="STEPS",
+                    help="also measure a real update delta: the model after STEPS local AdamW steps minus before")
+    ap.add_argument("--batch-size", type=int, default=8, help="--deltas: minibatch of the local steps")
+    ap.add_argument("--learning-rate", type=float, default=1e-3, help="--deltas: AdamW learning rate")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     args = ap.parse_args(argv)
     encodings = _names(args.encodings, ENCODINGS, "encoding")
@@ -128,17 +144,25 @@ def main(argv: list[str] | None = None) -> int:
     state_fp32 = sum(4 * t.numel() for t in state.values())
     unique_fp32 = sum(4 * e.tensor.numel() for e in entries)
     tied = {e.name: e.aliases for e in entries if e.aliases}
-    digest = state_digest(entries)
 
-    rows: list[Row] = []
-    for enc in encodings:
-        for codec in codecs:
-            spec = TransferSpec(encoding=enc, codec=codec, zstd_level=args.zstd_level,
-                                zstd_threads=args.zstd_threads, block_size=args.block_size,
-                                chunk_elems=args.chunk_elems)
-            rows.append(measure(state, spec, unique_fp32, digest))
-            if not args.json:
-                print(f"  measured {enc}/{codec}", file=sys.stderr, flush=True)
+    def table(what: dict[str, torch.Tensor], label: str) -> list[Row]:
+        out: list[Row] = []
+        for enc in encodings:
+            for codec in codecs:
+                spec = TransferSpec(encoding=enc, codec=codec, zstd_level=args.zstd_level,
+                                    zstd_threads=args.zstd_threads, block_size=args.block_size,
+                                    chunk_elems=args.chunk_elems)
+                out.append(measure(what, spec, unique_fp32, state_digest(unique_tensors(what))))
+                if not args.json:
+                    print(f"  measured {label} {enc}/{codec}", file=sys.stderr, flush=True)
+        return out
+
+    rows = table(state, "weights")
+    delta_rows: list[Row] = []
+    delta_note = ""
+    if args.deltas > 0:
+        delta, delta_note = _update_delta(model, state, args)
+        delta_rows = table(delta, "delta")
 
     info = {
         "preset": args.preset, "weights": source, "parameters": params,
@@ -149,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
     }
     if args.json:
-        print(json.dumps({**info, "rows": [asdict(r) for r in rows]}, indent=2))
+        print(json.dumps({**info, "rows": [asdict(r) for r in rows], "delta": delta_note,
+                          "delta_rows": [asdict(r) for r in delta_rows]}, indent=2))
         return 0
 
     print(f"FLAN-T5 preset {args.preset}: {source}")
@@ -161,17 +186,50 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chunk {args.chunk_elems} elements, block {args.block_size}, zstd level {args.zstd_level}, "
           f"torch {torch.__version__} on {torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s)")
     print()
-    head = (f"{'encoding':<8} {'codec':<5} {'wire MB':>9} {'vs fp32':>8} {'enc MB/s':>9} {'dec MB/s':>9} "
-            f"{'max |err|':>10} {'mean |err|':>10}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        print(f"{r.encoding:<8} {r.codec:<5} {r.wire_bytes / MB:>9.2f} {100 * r.ratio_to_fp32:>7.2f}% "
-              f"{r.encode_mb_s:>9.1f} {r.decode_mb_s:>9.1f} {r.max_abs_err:>10.3g} {r.mean_abs_err:>10.3g}")
+    print("weights:")
+    _print_rows(rows)
+    if delta_rows:
+        print()
+        print(f"update delta: {delta_note}")
+        _print_rows(delta_rows)
     print()
     print("wire MB: serialized chunks + manifest (1 MB = 10^6 B); vs fp32: of the fp32 state with tied tensors once;")
-    print("MB/s: fp32 input bytes per second of the encode iterator / of accept()+finish(); errors: |received - sent|.")
+    print("MB/s: fp32 input bytes per second of the encode iterator / of accept()+finish(); errors: |received - sent|;")
+    print("rel err: ||received - sent|| / ||sent||; x zstd: wire bytes of zstd over this codec's, same encoding.")
     return 0
+
+
+def _print_rows(rows: list[Row]) -> None:
+    head = (f"{'encoding':<8} {'codec':<7} {'wire MB':>9} {'vs fp32':>8} {'x zstd':>7} {'enc MB/s':>9} "
+            f"{'dec MB/s':>9} {'max |err|':>10} {'mean |err|':>10} {'rel err':>9}")
+    print(head)
+    print("-" * len(head))
+    zstd = {r.encoding: r.wire_bytes for r in rows if r.codec == "zstd"}
+    for r in rows:
+        vs_zstd = f"{zstd[r.encoding] / r.wire_bytes:.3f}" if r.encoding in zstd else "-"
+        print(f"{r.encoding:<8} {r.codec:<7} {r.wire_bytes / MB:>9.2f} {100 * r.ratio_to_fp32:>7.2f}% {vs_zstd:>7} "
+              f"{r.encode_mb_s:>9.1f} {r.decode_mb_s:>9.1f} {r.max_abs_err:>10.3g} {r.mean_abs_err:>10.3g} "
+              f"{r.rel_err:>9.3g}")
+
+
+def _update_delta(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                  args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], str]:
+    """Fine-tune a copy of the weights as a device does in a round; the delta keeps the state's ties."""
+    from fedclient.trainer import TrainSettings, train_local
+    from fedcore.data import load_corpus
+    from fedcore.models import load_tokenizer
+    from fedcore.wire import subtract
+
+    before = {e.name: e.tensor.clone() for e in unique_tensors(state)}
+    settings = TrainSettings(local_steps=args.deltas, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                             seed=args.seed)
+    r = train_local(model, load_tokenizer(args.weights_dir), load_corpus("builtin", 400, args.seed), settings,
+                    torch.device("cpu"))
+    after = {e.name: e.tensor.detach() for e in unique_tensors(model.state_dict())}
+    d = subtract(after, before)
+    tied = {a: d[e.name] for e in unique_tensors(state) for a in (e.name, *e.aliases)}
+    return tied, (f"{r.steps} AdamW steps, lr {args.learning_rate:g}, minibatch {args.batch_size}, built-in corpus "
+                  f"(loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}); fine-tuned minus initial weights")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedcore.channel import ClientSecurity
 from fedcore.config import described
+from fedcore.metrics import split_listen
 
 
 @dataclass
@@ -43,6 +44,11 @@ class ClientConfig:
     def security(self) -> ClientSecurity:
         return ClientSecurity(self.tls_ca, self.tls_cert, self.tls_key, self.enrollment_token, self.tls_server_name,
                               self.insecure)
+    metrics_listen: str = field(default="", metadata=described(
+        "host:port for Prometheus /metrics, plain HTTP: localhost or a management network only "
+        "(e.g. 127.0.0.1:9465; empty: off)"))
+    state_dir: Path | None = field(default=None, metadata=described(
+        "directory for state kept across restarts (the error-feedback residual); unset: kept in memory only"))
 
     def validate(self) -> None:
         if ":" not in self.server:
@@ -53,4 +59,6 @@ class ClientConfig:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")
+        if self.metrics_listen:
+            split_listen(self.metrics_listen)
         self.security().validate()

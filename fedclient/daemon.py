@@ -13,15 +13,20 @@ import torch
 
 import fedcore
 from fedcore.data import Example, dirichlet_partition, load_corpus
+from fedcore.metrics import MetricsServer, serve_metrics
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
-from fedcore.wire import ENCODINGS, CODECS, TransferSpec, codec_name, encoding_name
+from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, codec_name, encoding_name, subtract,
+                          unique_tensors)
 from fedcore.channel import open_channel
+from fedcore.sdnotify import Notifier, Watchdog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 from .config import ClientConfig
+from .metrics import DeviceStats, client_registry
+from .feedback import load_residual, save_residual
 from .trainer import TrainSettings, train_local
-from .transfer import download, upload
+from .transfer import fetch, upload
 
 log = logging.getLogger("fedclient")
 
@@ -55,8 +60,16 @@ class Daemon:
         self.model_config = ""
         self.base: dict[str, torch.Tensor] | None = None  # the global model as downloaded
         self.base_version = ""
+        self.base_exact = False  # base is bit-exactly base_version, so the server may send deltas from it
+        self.feedback = ErrorFeedback(load_residual(self.cfg.state_dir) if self.cfg.state_dir else None)
         self.session_id = ""
         self._stop = False
+        self.phase = "starting"
+        self.stats = DeviceStats()
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(self.notifier, status=self._status_line)
+        self._ready = False
+        self._metrics: MetricsServer | None = None
         log.info("device %s: %d local examples, torch device %s", self.cfg.device_id, len(self.examples), self.device)
 
     # ------------------------------------------------------------ helpers
@@ -64,7 +77,17 @@ class Daemon:
         # Exponential with full jitter, so a fleet that lost the server together
         # does not come back in lockstep.
         cap = min(self.cfg.retry_max_s, self.cfg.retry_initial_s * (2 ** min(attempt, 16)))
+        self.watchdog.beat()
         time.sleep(random.uniform(self.cfg.retry_initial_s / 2, cap))
+        self.watchdog.beat()
+
+    def _status_line(self) -> str:
+        s = self.stats
+        return (f"{self.phase}; {s.rounds_completed} rounds done, {s.bytes_down / 1e6:.1f} MB down, "
+                f"{s.bytes_up / 1e6:.1f} MB up")
+
+    def _beat(self, _done: int = 0) -> None:
+        self.watchdog.beat()
 
     def stop(self) -> None:
         self._stop = True
@@ -78,6 +101,22 @@ class Daemon:
     # --------------------------------------------------------------- loop
     def run(self) -> int:
         """Serve rounds until the server says the run is over; returns an exit code."""
+        self._metrics = serve_metrics(client_registry(self.stats, self.cfg.device_id), self.cfg.metrics_listen)
+        self.watchdog.beat()
+        self.watchdog.start()
+        try:
+            code = self._loop()
+            self.phase = f"exiting ({code})"
+            return code
+        finally:
+            self.stats.connected = False
+            self.notifier.stopping(f"{self.phase}; {self.stats.rounds_completed} rounds done")
+            self.watchdog.stop()
+            if self._metrics is not None:
+                self._metrics.close()
+            self.notifier.close()
+
+    def _loop(self) -> int:
         attempt = 0
         while not self._stop:
             try:
@@ -91,6 +130,8 @@ class Daemon:
                         # The old run is still answering SHUTDOWN; wait before asking again.
                         time.sleep(self.cfg.retry_max_s)
             except grpc.RpcError as exc:
+                self.stats.connected = False
+                self.phase = f"reconnecting to {self.cfg.server}"
                 code = exc.code()  # type: ignore[attr-defined]
                 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
                             grpc.StatusCode.UNAUTHENTICATED):
@@ -107,6 +148,7 @@ class Daemon:
         return 0
 
     def _join(self, stub: pbg.FederationStub) -> None:
+        self.phase = f"joining {self.cfg.server}"
         reply = stub.Join(pb.JoinRequest(device_id=self.cfg.device_id, capabilities=self._capabilities(),
                                          num_samples=len(self.examples), cached_version=self.base_version),
                           timeout=30, wait_for_ready=True)
@@ -114,18 +156,30 @@ class Daemon:
         if reply.model_config_json != self.model_config:
             self.model = model_from_config_json(reply.model_config_json)
             self.model.to(self.device)
+            # A training step of a big model can outlast the watchdog's poll; each forward pass is progress.
+            self.model.register_forward_pre_hook(lambda *_: self.watchdog.beat())
             self.model_config = reply.model_config_json
-            self.base, self.base_version = None, ""
+            self.base, self.base_version, self.base_exact = None, "", False
         log.info("joined %s as %s (model %s, server %s)", self.cfg.server, self.cfg.device_id,
                  reply.model_preset, reply.server_version)
+        self.stats.connected = True
+        self.phase = f"joined {self.cfg.server}, waiting for work"
+        self.watchdog.beat()
+        if not self._ready:
+            # systemd: the unit is up once the daemon is part of the fleet.
+            self.notifier.ready(f"joined {self.cfg.server} as {self.cfg.device_id}")
+            self._ready = True
 
     def _serve(self, stub: pbg.FederationStub) -> bool:
         """Poll for work; True when the server ends the run."""
         while not self._stop:
+            self.watchdog.beat()
             task = stub.GetTask(pb.TaskRequest(device_id=self.cfg.device_id, session_id=self.session_id),
                                 timeout=120)
+            self.watchdog.beat()
             if task.kind == pb.Task.SHUTDOWN:
                 log.info("server ended the run after round %d", task.round)
+                self.phase = f"server ended the run after round {task.round}"
                 return True
             if task.kind == pb.Task.TRAIN:
                 self._round(stub, task)
@@ -136,15 +190,20 @@ class Daemon:
     def _round(self, stub: pbg.FederationStub, task: pb.Task) -> None:
         assert self.model is not None
         log.info("round %d: task %s, model %s", task.round, task.task_id[:8], task.model_version[7:19])
+        self.stats.round = task.round
+        self.phase = f"round {task.round}: downloading"
         cached = self.base is not None and self.base_version == task.model_version
-        t_down, bytes_down = 0.0, 0
+        t_down, bytes_down, link_down_bps, deltas = 0.0, 0, 0.0, 0
         if not cached:
-            self.base, self.base_version = None, ""
-            state, dstats = download(stub, self.cfg.device_id, self.session_id, task.model_version, None,
-                                     self.cfg.transfer_retries, self._backoff)
-            self.base, self.base_version = state, task.model_version
-            t_down, bytes_down = dstats.seconds, dstats.bytes
-            log.info("round %d: downloaded %.2f MB in %.2f s", task.round, bytes_down / 1e6, t_down)
+            if not self.base_exact:
+                self.base, self.base_version = None, ""  # nothing a delta could start from: free it first
+            state, dstats = fetch(stub, self.cfg.device_id, self.session_id, task.model_version,
+                                  self.base, self.base_version, self.cfg.transfer_retries, self._backoff,
+                                  on_progress=self._beat)
+            self.base, self.base_version, self.base_exact = state, task.model_version, dstats.exact
+            t_down, bytes_down, link_down_bps, deltas = dstats.seconds, dstats.bytes, dstats.bytes_per_s, dstats.deltas
+            how = f" as {deltas} broadcast delta(s), digest checked" if deltas else ""
+            log.info("round %d: downloaded %.2f MB in %.2f s%s", task.round, bytes_down / 1e6, t_down, how)
         assert self.base is not None
         self.model.load_state_dict(self.base, strict=True)
 
@@ -153,6 +212,7 @@ class Daemon:
                                  learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
                                  max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
                                  seed=tr.seed + _stable_hash(self.cfg.device_id))
+        self.phase = f"round {task.round}: training"
         result = train_local(self.model, self.tokenizer, self.examples, settings, self.device)
         log.info("round %d: %d steps, %d tokens in %.2f s (%.0f tokens/s), loss %.4f", task.round, result.steps,
                  result.tokens, result.t_comp_s, result.tokens_per_s, result.mean_loss)
@@ -161,15 +221,34 @@ class Daemon:
         spec = TransferSpec(encoding=encoding_name(up.encoding), codec=codec_name(up.codec),
                             zstd_level=up.zstd_level or 3, block_size=up.block_size, chunk_elems=up.chunk_elems,
                             payload="delta" if up.payload == pb.DELTA else "weights")
-        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        entries = unique_tensors(self.model.state_dict())
+        state = {e.name: e.tensor.detach().cpu() for e in entries}
+        residual = None
         if spec.payload == "delta":
-            state = {k: (v - self.base[k]) if v.is_floating_point() else v for k, v in state.items()}
+            state = subtract(state, self.base)
+            if up.error_feedback:
+                state, _, residual = self.feedback.compensate(state, spec.encoding_id, spec.block_size,
+                                                              spec.chunk_elems)
         header = pb.UploadHeader(device_id=self.cfg.device_id, session_id=self.session_id, task_id=task.task_id,
                                  round=task.round, base_version=task.model_version, num_samples=result.samples)
-        reply, ustats = upload(stub, header, _retie_like(state, self.model.state_dict()), spec,
-                               self.cfg.transfer_retries, self._backoff)
-        log.info("round %d: uploaded %.2f MB in %.2f s (+%.3f s server ack)", task.round, ustats.bytes / 1e6,
-                 ustats.seconds, ustats.wait_s)
+        tied = {a: state[e.name] for e in entries for a in (e.name, *e.aliases)}
+        self.phase = f"round {task.round}: uploading"
+        reply, ustats = upload(stub, header, tied, spec, self.cfg.transfer_retries, self._backoff,
+                               on_progress=self._beat)
+        log.info("round %d: uploaded %.2f MB (%s %s/%s) in %.2f s (+%.3f s server ack)", task.round,
+                 ustats.bytes / 1e6, spec.payload, spec.encoding, spec.codec, ustats.seconds, ustats.wait_s)
+        extra = {"tokens_per_s": result.tokens_per_s, "steps": float(result.steps), "download_deltas": float(deltas)}
+        if residual is not None:
+            # Only a residual whose delta the server acknowledged is carried on.
+            self.feedback.commit(residual)
+            where = save_residual(self.cfg.state_dir, residual) if self.cfg.state_dir else "kept in memory"
+            extra["ef_residual_norm"] = self.feedback.norm()
+            log.info("round %d: error-feedback residual norm %.4g (%s)", task.round, extra["ef_residual_norm"], where)
+        # Link rates as this device measured them, for the server's link-aware encoding choice.
+        if ustats.bytes and ustats.seconds + ustats.wait_s > 0:
+            extra["link_up_bps"] = ustats.bytes / (ustats.seconds + ustats.wait_s)
+        if link_down_bps > 0:
+            extra["link_down_bps"] = link_down_bps
 
         st = result.step_times
         stub.ReportMetrics(pb.RoundMetrics(
@@ -180,19 +259,12 @@ class Daemon:
             step_times=pb.StepTimes(batch_loading_s=st.batch_loading_s, forward_s=st.forward_s, loss_s=st.loss_s,
                                     backward_s=st.backward_s, optimizer_step_s=st.optimizer_step_s,
                                     steps=st.steps),
-            extra={"tokens_per_s": result.tokens_per_s, "steps": float(result.steps)}), timeout=30)
+            extra=extra), timeout=30)
         self.rounds_done += 1
-
-
-def _retie_like(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """.cpu()/arithmetic gives tied tensors separate copies; point aliases back at one."""
-    first: dict[tuple, str] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model_state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        out[name] = out[first[key]] if key in first else state[name]
-        first.setdefault(key, name)
-    return out
+        self.stats.finish_round({"round": task.round, "t_down_s": t_down, "t_up_s": ustats.seconds,
+                                 "t_wait_s": ustats.wait_s, "t_comp_s": result.t_comp_s, "bytes_down": bytes_down,
+                                 "bytes_up": ustats.bytes, "extra": dict(extra)})
+        self.phase = f"round {task.round} done, waiting for work"
 
 
 def _stable_hash(text: str) -> int:

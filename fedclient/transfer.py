@@ -27,16 +27,27 @@ class TransferStats:
     bytes: int = 0
     wait_s: float = 0.0  # upload: last chunk handed to gRPC -> server's reply
     attempts: int = 0
+    version: str = ""    # download: the version now held
+    exact: bool = False  # download: bit-exact (lossless encoding, or a digest-checked delta)
+    deltas: int = 0      # download: broadcast deltas applied
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
 class Progress:
-    """Logs a transfer's progress at most every few seconds."""
+    """Logs a transfer's progress at most every few seconds; `on_update` hears of every chunk."""
 
-    def __init__(self, what: str, total: int, every_s: float = 5.0) -> None:
+    def __init__(self, what: str, total: int, every_s: float = 5.0,
+                 on_update: Callable[[int], None] | None = None) -> None:
         self.what, self.total, self.every_s = what, total, every_s
+        self.on_update = on_update
         self.t0 = self.last = time.monotonic()
 
     def update(self, done: int) -> None:
+        if self.on_update is not None:
+            self.on_update(done)
         now = time.monotonic()
         if now - self.last >= self.every_s:
             self.last = now
@@ -45,11 +56,53 @@ class Progress:
             log.info("%s: %.1f MB%s at %.2f MB/s", self.what, done / 1e6, of, rate)
 
 
+# A server keeps a bounded number of deltas; more steps than this is a server bug, not a long chain.
+MAX_DELTA_STEPS = 64
+
+
+def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: str,
+          held: Mapping[str, torch.Tensor] | None, held_version: str, retries: int,
+          backoff: Callable[[int], None], timeout: float | None = None,
+          on_progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], TransferStats]:
+    """Bring the device to model `version`: broadcast deltas from `held` (exactly `held_version`) when the
+    server offers them, otherwise the full model. A delta that fails its digest check falls back to the full model."""
+    total = TransferStats()
+    state, have = held, held_version if held is not None else ""
+    for _ in range(MAX_DELTA_STEPS):
+        try:
+            state_, st = download(stub, device_id, session_id, version, None, retries, backoff, timeout,
+                                  base=state if have else None, base_version=have, on_progress=on_progress)
+        except WireError as exc:
+            if not have or exc.kind != "digest":
+                raise
+            log.warning("delta download from %s... failed its check (%s); fetching the full model", have[7:19], exc)
+            state, have = None, ""
+            continue
+        total.seconds += st.seconds
+        total.bytes += st.bytes
+        total.attempts += st.attempts
+        total.deltas += st.deltas
+        state, have, total.exact = state_, st.version, st.exact
+        if have == version:
+            total.version = have
+            return state, total
+        if not st.exact:
+            raise WireError("digest", f"the server sent {have[:19]}... lossily, not the version {version[:19]}... "
+                                      f"asked for")
+    raise WireError("delta", f"no version {version[:19]}... after {MAX_DELTA_STEPS} delta steps")
+
+
 def download(stub: pbg.FederationStub, device_id: str, session_id: str, version: str,
              dest: Mapping[str, torch.Tensor] | None, retries: int, backoff: Callable[[int], None],
              timeout: float | None = None, encoding: int = pb.ENCODING_UNSPECIFIED,
-             codec: int = pb.CODEC_UNSPECIFIED) -> tuple[dict[str, torch.Tensor], TransferStats]:
-    """Stream model `version` into dest (written in place), resuming after breaks."""
+             codec: int = pb.CODEC_UNSPECIFIED, base: Mapping[str, torch.Tensor] | None = None,
+             base_version: str = "",
+             on_progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], TransferStats]:
+    """Stream model `version` into dest (written in place), resuming after breaks.
+
+    With `base` (exactly `base_version`) the server may answer with a delta to
+    the next version instead; the returned stats say which version arrived.
+    """
     stats = TransferStats()
     receiver: StateReceiver | None = None
     t0 = time.perf_counter()
@@ -57,7 +110,7 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
         stats.attempts += 1
         start = receiver.next_position() if receiver is not None else None
         req = pb.DownloadRequest(device_id=device_id, session_id=session_id, model_version=version,
-                                 encoding=encoding, codec=codec)
+                                 encoding=encoding, codec=codec, base_version=base_version if base else "")
         if start is not None:
             req.start.CopyFrom(start)
         try:
@@ -65,11 +118,16 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
             progress: Progress | None = None
             for msg in stream:
                 if msg.WhichOneof("body") == "manifest":
+                    m = msg.manifest
                     if receiver is None:
-                        receiver = StateReceiver(msg.manifest, dest=dest)
-                    elif msg.manifest.digest != receiver.manifest.digest:
+                        if m.base_version and (base is None or m.base_version != base_version):
+                            raise WireError("payload", f"the server sent a delta from {m.base_version[:19]}..., "
+                                                       f"this device holds {base_version[:19] or 'nothing'}")
+                        receiver = StateReceiver(m, dest=None if m.base_version else dest)
+                    elif (m.digest, m.base_version) != (receiver.manifest.digest, receiver.manifest.base_version):
                         raise WireError("digest", "the server changed model version during a resumed download")
-                    progress = Progress(f"download {version[7:19]}", msg.manifest.wire_bytes)
+                    progress = Progress(f"download {version[7:19]}", msg.manifest.wire_bytes,
+                                        on_update=on_progress)
                     continue
                 if receiver is None:
                     raise WireError("manifest", "download stream did not start with a manifest")
@@ -78,9 +136,13 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
                     progress.update(receiver.bytes_received)
             if receiver is None:
                 raise WireError("manifest", "empty download stream")
-            state = receiver.finish(verify_digest=True)
+            is_delta = bool(receiver.manifest.base_version)
+            state = receiver.finish(verify_digest=True, base=base if is_delta else None)
             stats.seconds = time.perf_counter() - t0
             stats.bytes = receiver.bytes_received
+            stats.version = receiver.manifest.digest
+            stats.exact = is_delta or receiver.lossless
+            stats.deltas = int(is_delta)
             return state, stats
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
@@ -93,7 +155,8 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
 
 def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str, torch.Tensor],
            spec: TransferSpec, retries: int, backoff: Callable[[int], None],
-           timeout: float | None = None) -> tuple[pb.UploadReply, TransferStats]:
+           timeout: float | None = None,
+           on_progress: Callable[[int], None] | None = None) -> tuple[pb.UploadReply, TransferStats]:
     """Stream an update; after a break ask the server what it holds and resume there."""
     encoder = StateEncoder(state, spec)
     header.manifest.CopyFrom(encoder.manifest)
@@ -107,7 +170,7 @@ def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str
         h.CopyFrom(header)
         if start is not None:
             h.start.CopyFrom(start)
-        progress = Progress("upload", encoder.manifest.wire_bytes)
+        progress = Progress("upload", encoder.manifest.wire_bytes, on_update=on_progress)
 
         def messages() -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=h)

@@ -9,12 +9,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from grpc_health.v1 import health_pb2
 
 from fedcore.data import load_corpus, train_eval_split
+from fedcore.metrics import serve_metrics
 from fedcore.models import build_model, config_json, get_preset, load_tokenizer, pick_device
+from fedcore.sdnotify import Notifier, Watchdog
 
 from .config import ServerConfig
 from .evaluate import evaluate
+from .metrics import server_registry
 from .rounds import Coordinator, EvalRecord
 from .service import make_server
 from .strategy import make_strategy
@@ -60,29 +64,54 @@ def make_evaluator(cfg: ServerConfig, model: torch.nn.Module) -> Callable[[Mappi
     return run
 
 
-def build_coordinator(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None = None) -> Coordinator:
+def build_coordinator(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None = None,
+                      heartbeat: Callable[[], None] | None = None) -> Coordinator:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     preset = get_preset(cfg.preset)
     model = build_model(preset, cfg.weights_dir, seed=cfg.seed)
+    if heartbeat is not None:
+        # Evaluation of a big model can outlast the watchdog; each forward pass shows it is progressing.
+        model.register_forward_pre_hook(lambda *_: heartbeat())
     evaluator = make_evaluator(cfg, model) if cfg.eval_size > 0 else None
     return Coordinator(cfg, model.state_dict(), strategy_from(cfg), evaluator, preset.name, config_json(model),
-                       on_round)
+                       on_round, heartbeat)
+
+
+def _status_line(coord: Coordinator) -> str:
+    s = coord.snapshot()
+    last = s["last_round"]
+    g = f", last G {last['g']:.3f}" if last and last.get("g") is not None else ""
+    return (f"{s['phase']}: round {s['round']} of {s['rounds_total']}, {s['devices_connected']} devices "
+            f"connected{g}")
 
 
 def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None = None,
           on_ready: Callable[[int], None] | None = None) -> int:
     """Run the configured rounds behind a gRPC server; returns a process exit code."""
-    coord = build_coordinator(cfg, on_round)
+    notifier = Notifier()
+    watchdog = Watchdog(notifier)
+    coord = build_coordinator(cfg, on_round, watchdog.beat)
+    watchdog.status = lambda: _status_line(coord)
     server, port, health_servicer = make_server(coord, cfg.listen, cfg.max_workers)
     server.start()
+    metrics = serve_metrics(server_registry(coord), cfg.metrics_listen)
     log.info("serving fedtune.v1 on %s (port %d); %d rounds, %d devices a round, model %s", cfg.listen, port,
              cfg.rounds, cfg.devices_per_round, coord.version[:19])
+    watchdog.beat()
+    watchdog.start()
+    notifier.ready(f"serving on port {port}: {_status_line(coord)}")
     if on_ready:
         on_ready(port)
 
+    def not_serving() -> None:
+        for name in ("", "fedtune.v1.Federation"):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     def _signal(signum: int, _frame: Any) -> None:
         log.warning("signal %d: stopping after the current step", signum)
+        not_serving()
+        notifier.stopping(f"signal {signum}: stopping after the current step")
         coord.stop()
 
     old = {s: signal.signal(s, _signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -95,16 +124,24 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        # The run is over (or failed): health checks say so while the devices are told.
+        not_serving()
+        notifier.stopping(f"{coord.phase} after round {coord.round_no}; telling devices")
         # Devices learn of the end at their next poll; give them one poll period.
-        _drain(coord, cfg.poll_seconds + 2.0)
+        _drain(coord, cfg.poll_seconds + 2.0, watchdog.beat)
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=2.0).wait()
+        watchdog.stop()
+        if metrics is not None:
+            metrics.close()
+        notifier.close()
     return code
 
 
-def _drain(coord: Coordinator, seconds: float) -> None:
+def _drain(coord: Coordinator, seconds: float, beat: Callable[[], None]) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
+        beat()
         told = coord.registry.devices.keys() <= coord.told_shutdown
         if told:
             return

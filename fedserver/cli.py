@@ -10,6 +10,7 @@ from fedcore import logs
 
 from .config import ServerConfig
 from .simulate import SimulateConfig
+from .status import StatusConfig
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -32,6 +33,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                             "(default: localhost,127.0.0.1)")
     certs.add_argument("--admins", default="admin", help="comma-separated operator names (certificates that may "
                                                          "call status RPCs but never act for a device)")
+    st = sub.add_parser("status", help="ask a running server for its round, participants, transfers and last G "
+                                       "(as an operator: an admin certificate from `fedserver certs`)")
+    st.add_argument("--config", type=Path, default=None, help="TOML file with status settings (server, tls_*)")
+    cfgmod.add_arguments(st, StatusConfig)
+    st.add_argument("--json", action="store_true", help="print the status message as JSON")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+    rpt = sub.add_parser("report", help="tables and PNG plots of a finished or running run directory")
+    rpt.add_argument("run_dir", type=Path, help="directory with summary.json and rounds.jsonl (fedserver simulate, "
+                                                "netem run or fedserver run --out)")
+    rpt.add_argument("--out", type=Path, default=None, help="where to write the report (default: RUN_DIR/report)")
     return ap, sub
 
 
@@ -78,7 +89,36 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "simulate": cmd_simulate, "certs": cmd_certs}
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .status import fetch_status, render_status
+
+    cfg = cfgmod.resolve(StatusConfig, args, args.config)
+    try:
+        msg = fetch_status(cfg.server, cfg.security(), args.timeout)
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        print(f"fedserver status: {cfg.server}: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore
+        return 1
+    if args.json:
+        from google.protobuf.json_format import MessageToJson
+
+        print(MessageToJson(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+    else:
+        print(render_status(msg, cfg.server))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report  # matplotlib is an optional extra: import only here
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "simulate": cmd_simulate, "certs": cmd_certs, "status": cmd_status,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.config import described
+from fedcore.metrics import split_listen
 from fedcore.wire import TransferSpec, codec_id, encoding_id
 
 STRATEGIES = ("fedavg", "fedadam", "fedadamw", "fedyogi")
@@ -41,10 +42,31 @@ class ServerConfig:
     tau: float = field(default=1e-3, metadata=described("adaptive strategies: adaptivity"))
     server_weight_decay: float = field(default=1e-2, metadata=described("fedadamw: decoupled weight decay"))
     # wire
-    download_encoding: str = field(default="fp32", metadata=described("fp32, fp16, bf16, int8 or nf4"))
-    download_codec: str = field(default="none", metadata=described("none or zstd"))
-    upload_encoding: str = field(default="fp32", metadata=described("fp32, fp16, bf16, int8 or nf4"))
-    upload_codec: str = field(default="none", metadata=described("none or zstd"))
+    download_encoding: str = field(default="fp32", metadata=described("full-model downloads: fp32, fp16, bf16, int8, "
+                                                                      "nf4 or int4 (fp32 keeps delta downloads possible)"))
+    download_codec: str = field(default="none", metadata=described("none, zstd or zstd-bg (byte-grouped zstd)"))
+    download_payload: str = field(default="weights", metadata=described(
+        "'delta': a device holding a recent version exactly gets the quantized broadcast delta(s) to the new one, "
+        "which the server applies to its own model too (with error feedback); 'weights': always the full model"))
+    download_delta_encoding: str = field(default="int8", metadata=described("encoding of broadcast deltas: int8, int4, "
+                                                                            "nf4, bf16, fp16 or fp32"))
+    download_delta_keep: int = field(default=4, metadata=described("broadcast deltas kept to serve recent versions; "
+                                                                  "a device further behind gets the full model"))
+    upload_encoding: str = field(default="fp32", metadata=described("fp32, fp16, bf16, int8, nf4 or int4"))
+    upload_codec: str = field(default="none", metadata=described("none, zstd or zstd-bg (byte-grouped zstd)"))
+    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)"))
+    error_feedback: bool = field(default=False, metadata=described("delta uploads: devices add their last quantization "
+                                                                   "residual to the next delta"))
+    # link-aware upload encoding
+    link_aware: bool = field(default=False, metadata=described(
+        "choose each device's upload encoding from its measured link rates to meet link_target_g or link_byte_budget"))
+    link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G = T_comp / T_comm per device"))
+    link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round "
+                                                                "(0: no budget, use link_target_g)"))
+    link_t_comp_s: float = field(default=0.0, metadata=described("link_aware: T_comp to plan with, e.g. the target "
+                                                                 "hardware's (0: the device's last measured)"))
+    link_encodings: str = field(default="fp32,bf16,int8,int4", metadata=described(
+        "link_aware: upload encodings to choose from, most precise first"))
     zstd_level: int = field(default=3, metadata=described("zstd level"))
     block_size: int = field(default=64, metadata=described("quantization block size (elements)"))
     chunk_elems: int = field(default=1 << 18, metadata=described("elements per chunk"))
@@ -85,12 +107,26 @@ class ServerConfig:
                                                                "model) is larger (0: no bound)"))
     clip_update_norm: float = field(default=0.0, metadata=described("scale an update's delta down to this L2 norm "
                                                                 "before aggregation (0: no clipping)"))
+    metrics_listen: str = field(default="", metadata=described(
+        "host:port for Prometheus /metrics, plain HTTP: localhost or a management network only "
+        "(e.g. 127.0.0.1:9464; empty: off)"))
 
     def validate(self) -> None:
         if self.strategy.lower() not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        for name in ("download_encoding", "upload_encoding"):
+        for name in ("download_encoding", "upload_encoding", "download_delta_encoding"):
             encoding_id(getattr(self, name))
+        for name in self.link_encoding_list:
+            encoding_id(name)
+        for name in ("download_payload", "upload_payload"):
+            if getattr(self, name) not in ("weights", "delta"):
+                raise ValueError(f"{name} must be 'weights' or 'delta', got {getattr(self, name)!r}")
+        if self.error_feedback and self.upload_payload != "delta":
+            raise ValueError("error_feedback needs upload_payload = 'delta' (the residual is carried between deltas)")
+        if self.download_delta_keep < 1:
+            raise ValueError(f"download_delta_keep must be at least 1, got {self.download_delta_keep}")
+        if self.link_aware and not (self.link_target_g > 0 or self.link_byte_budget > 0):
+            raise ValueError("link_aware needs link_target_g > 0 or link_byte_budget > 0")
         for name in ("download_codec", "upload_codec"):
             codec_id(getattr(self, name))
         positive = ("rounds", "devices_per_round", "batch_size", "local_epochs", "max_input_tokens",
@@ -111,6 +147,8 @@ class ServerConfig:
             raise ValueError("max_update_norm and clip_update_norm must be >= 0")
         if self.max_chunk_elems < self.chunk_elems:
             raise ValueError(f"max_chunk_elems ({self.max_chunk_elems}) is below chunk_elems ({self.chunk_elems})")
+        if self.metrics_listen:
+            split_listen(self.metrics_listen)
         self.validate_security()
 
     def validate_security(self) -> None:
@@ -136,6 +174,14 @@ class ServerConfig:
         return TransferSpec(self.download_encoding, self.download_codec, self.zstd_level, 0, self.block_size,
                             self.chunk_elems)
 
-    def upload_spec(self) -> TransferSpec:
-        return TransferSpec(self.upload_encoding, self.upload_codec, self.zstd_level, 0, self.block_size,
-                            self.chunk_elems)
+    def upload_spec(self, encoding: str | None = None) -> TransferSpec:
+        return TransferSpec(encoding or self.upload_encoding, self.upload_codec, self.zstd_level, 0, self.block_size,
+                            self.chunk_elems, payload=self.upload_payload)
+
+    def download_delta_spec(self) -> TransferSpec:
+        return TransferSpec(self.download_delta_encoding, self.download_codec, self.zstd_level, 0, self.block_size,
+                            self.chunk_elems, payload="delta")
+
+    @property
+    def link_encoding_list(self) -> list[str]:
+        return [e.strip().lower() for e in self.link_encodings.split(",") if e.strip()]

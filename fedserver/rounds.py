@@ -21,18 +21,24 @@ from typing import Any
 import torch
 
 from fedcore.config import to_dict
-from fedcore.wire import (StateEncoder, StateReceiver, TransferSpec, WireError, codec_name, encoding_name, layout_of,
-                          state_digest, unique_tensors)
+from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, StateReceiver, TransferSpec, WireError,
+                          apply_delta, codec_name, encoding_name, layout_of, state_digest, subtract,
+                          tensor_wire_bytes, unique_tensors)
 from fedtune.v1 import fedtune_pb2 as pb
 
 from .config import ServerConfig
+from .linkplan import LinkEstimate, choose_upload_encoding
 from .registry import Device, Registry
 from .storage import CheckpointDir, RoundLog, write_json_atomic
 from .strategy import RunningMean, ServerStrategy
+from .transfers import TransferBoard
+from .versions import DeltaHistory, DeltaStep
 
 log = logging.getLogger("fedserver.rounds")
 
 OPT_PREFIX = "server_opt/"
+EF_PREFIX = "server_ef/"  # the broadcast-delta quantization residual, checkpointed with the model
+MAX_LINK_BPS = 1e12  # a reported link rate above 8 Tbit/s is a bug or a lie
 MAX_NUM_SAMPLES = 1 << 40
 
 
@@ -62,6 +68,8 @@ class Assignment:
     @property
     def settled(self) -> bool:
         return self.status in ("aggregated", "late", "refused")
+    upload_encoding: str = ""
+    encoding_reason: str = ""
 
 
 @dataclass
@@ -126,6 +134,7 @@ class Coordinator:
     model_preset: str = ""
     model_config_json: str = ""
     on_round: Callable[[dict[str, Any]], None] | None = None
+    heartbeat: Callable[[], None] | None = None  # called while the round loop makes progress (systemd watchdog)
 
     registry: Registry = field(init=False)
     version: str = field(init=False)
@@ -147,7 +156,15 @@ class Coordinator:
         self.version = state_digest(unique_tensors(self.state))
         self._encoders: dict[tuple[str, int, int], StateEncoder] = {}
         self._uploads: dict[str, UploadSession] = {}
+        self.history = DeltaHistory(self.cfg.download_delta_keep)
+        self.broadcast_ef = ErrorFeedback()
+        self.links: dict[str, LinkEstimate] = {}
+        self.trained_on: dict[str, str] = {}  # device -> the version its last aggregated update was trained from
         self._stop = threading.Event()
+        self.phase = "starting"
+        self.transfers = TransferBoard()
+        self.rounds_completed_here = 0  # by this process, for the Prometheus counter
+        self.last_records: list[dict[str, Any]] = []  # the last aggregated round's per-device records
         self._resume()
 
     # ------------------------------------------------------------ model state
@@ -173,8 +190,9 @@ class Coordinator:
         if latest is None:
             return
         rnd, tensors, meta = latest
-        model = {k: v for k, v in tensors.items() if not k.startswith(OPT_PREFIX)}
+        model = {k: v for k, v in tensors.items() if not k.startswith((OPT_PREFIX, EF_PREFIX))}
         opt = {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
+        self.broadcast_ef.commit({k[len(EF_PREFIX):]: v for k, v in tensors.items() if k.startswith(EF_PREFIX)})
         missing = set(self.state) - set(model)
         if missing:
             raise RuntimeError(f"checkpoint round {rnd} lacks {len(missing)} model tensors, e.g. {sorted(missing)[0]}; "
@@ -227,25 +245,30 @@ class Coordinator:
 
     def _task_for(self, cur: RoundState, a: Assignment) -> pb.Task:
         c = self.cfg
-        up = c.upload_spec()
+        up = c.upload_spec(a.upload_encoding or None)
         return pb.Task(
             kind=pb.Task.TRAIN, round=cur.number, task_id=a.task_id, model_version=cur.version,
             training=pb.TrainingSettings(
                 local_epochs=c.local_epochs, local_steps=c.local_steps, batch_size=c.batch_size,
                 learning_rate=c.learning_rate, weight_decay=c.weight_decay, max_input_tokens=c.max_input_tokens,
                 max_target_tokens=c.max_target_tokens, seed=c.seed * 1000003 + cur.number),
-            upload=pb.TransferSettings(encoding=up.encoding_id, codec=up.codec_id, zstd_level=up.zstd_level,
-                                       block_size=up.block_size, chunk_elems=up.chunk_elems, payload=up.payload_id),
+            upload=up.settings(error_feedback=c.error_feedback),
             deadline_unix=time.time() + (cur.deadline - time.monotonic()))
 
     # ------------------------------------------------------------ download
-    def encoder_for(self, device_id: str, session_id: str, version: str, encoding: int, codec: int) -> StateEncoder:
+    def encoder_for(self, device_id: str, session_id: str, version: str, encoding: int, codec: int,
+                    base_version: str = "") -> StateEncoder | FrozenStream:
+        """What a download of `version` streams: the next broadcast delta from base_version, or the full model."""
         with self.lock:
             self._device(device_id, session_id)
             if version and version != self.version:
                 raise RoundError("not_found", f"model version {version[:19]}... is not served; "
                                               f"the current version is {self.version[:19]}...")
             spec = self.cfg.download_spec()
+            if base_version and self.cfg.download_payload == "delta" and base_version != self.version:
+                step = self._delta_step(device_id, base_version, spec)
+                if step is not None:
+                    return step
             enc_name = spec.encoding if encoding == pb.ENCODING_UNSPECIFIED else encoding_name(encoding)
             codec_name_ = spec.codec if codec == pb.CODEC_UNSPECIFIED else codec_name(codec)
             spec = TransferSpec(enc_name, codec_name_, spec.zstd_level, 0, spec.block_size, spec.chunk_elems)
@@ -255,6 +278,28 @@ class Coordinator:
                 enc = StateEncoder(self.state, spec, digest=self.version)
                 self._encoders[key] = enc
             return enc
+
+    def _full_bytes(self, spec: TransferSpec) -> int:
+        """Wire bytes of the full model at spec, before compression."""
+        return sum(tensor_wire_bytes(e.tensor.dtype, e.tensor.numel(), spec.encoding_id, spec.block_size,
+                                     spec.chunk_elems) for e in unique_tensors(self.state))
+
+    def _delta_step(self, device_id: str, base: str, spec: TransferSpec) -> FrozenStream | None:
+        chain = self.history.chain(base, self.version)
+        full = self._full_bytes(spec)
+        if chain is None:
+            log.info("download for %s: full model; its version %s... is not among the last %d", device_id,
+                     base[7:19], self.history.keep)
+            return None
+        cost = sum(s.stream.wire_bytes for s in chain)
+        if cost >= full:
+            log.info("download for %s: full model; %d delta(s) from %s... take %.1f MB, the model %.1f MB",
+                     device_id, len(chain), base[7:19], cost / 1e6, full / 1e6)
+            return None
+        log.info("download for %s: delta %s... -> %s... (%.1f MB; %d step(s) to the current version, %.1f MB, "
+                 "instead of %.1f MB)", device_id, base[7:19], chain[0].target[7:19], chain[0].stream.wire_bytes / 1e6,
+                 len(chain), cost / 1e6, full / 1e6)
+        return chain[0].stream
 
     # -------------------------------------------------------------- upload
     def open_upload(self, h: pb.UploadHeader) -> UploadSession:
@@ -348,6 +393,7 @@ class Coordinator:
                 raise RoundError("precondition", f"round {sess.header.round} closed before the update arrived")
             cur.mean.add(delta, float(a.num_samples))
             a.status = "aggregated"
+            self.trained_on[a.device_id] = cur.version
             if self.cfg.save_updates:
                 self._save_update(cur.number, a.device_id, canonical, a.num_samples, is_delta)
             self.lock.notify_all()
@@ -421,11 +467,74 @@ class Coordinator:
                 raise RoundError("permission", f"device {device_id!r} has no task {m.get('task_id')!r} in "
                                                f"round {cur.number}")
             a.metrics = m
+            self._note_link(device_id, m)
             self.lock.notify_all()
 
+    def _note_link(self, device_id: str, m: dict[str, Any]) -> None:
+        """Keep the link rates the device measured (bytes/s in extra); a missing direction keeps its last value."""
+        extra = m.get("extra", {})
+        old = self.links.get(device_id)
+        rates = []
+        for key, prev in (("link_down_bps", old.down_bps if old else 0.0), ("link_up_bps", old.up_bps if old else 0.0)):
+            v = extra.get(key)
+            if v is not None and not 0 < v < MAX_LINK_BPS:
+                raise RoundError("invalid", f"extra[{key!r}] = {v} is not a link rate in bytes per second")
+            rates.append(v if v is not None else prev)
+        if rates[1] > 0:
+            self.links[device_id] = LinkEstimate(rates[0], rates[1], float(m.get("t_comp_s", 0.0)))
+
+    def _choose_encodings(self, assignments: Mapping[str, Assignment]) -> None:
+        c = self.cfg
+        for a in assignments.values():
+            if not c.link_aware:
+                a.upload_encoding = c.upload_encoding
+                continue
+            base = self.trained_on.get(a.device_id, "")
+            chain = self.history.chain(base, self.version) if base and c.download_payload == "delta" else None
+            full = self._full_bytes(c.download_spec())
+            down = sum(s.stream.wire_bytes for s in chain) if chain is not None else full
+            choice = choose_upload_encoding(c.link_encoding_list, c.upload_encoding,
+                                            lambda enc: self._full_bytes(c.upload_spec(enc)), min(down, full),
+                                            self.links.get(a.device_id), c.link_target_g, c.link_byte_budget,
+                                            c.link_t_comp_s)
+            a.upload_encoding, a.encoding_reason = choice.encoding, choice.reason
+            log.info("round %d: %s uploads %s: %s", self.round_no + 1, a.device_id, choice.encoding, choice.reason)
+
     # --------------------------------------------------------------- rounds
+    def snapshot(self) -> dict[str, Any]:
+        """What `fedserver status` and `/metrics` show: a consistent copy, safe to read from any thread."""
+        with self.lock:
+            cur = self.current
+            open_round = cur is not None and not cur.closed
+            participants = [{"device_id": a.device_id, "status": a.status, "reported": a.metrics is not None}
+                            for a in (cur.assignments.values() if cur is not None else [])]
+            snap: dict[str, Any] = {
+                "phase": self.phase,
+                "round": cur.number if cur is not None else self.round_no,
+                "round_open": open_round,
+                "rounds_total": self.cfg.rounds,
+                "rounds_completed": self.round_no,
+                "rounds_completed_here": self.rounds_completed_here,
+                "participants": participants,
+                "devices_connected": len(self.registry.alive()),
+                "devices_known": len(self.registry.devices),
+                "deadline_unix": time.time() + (cur.deadline - time.monotonic()) if open_round else 0.0,
+                "model_version": self.version,
+                "last_round": next((dict(s) for s in reversed(self.summaries) if s.get("round", 0) > 0), None),
+                "last_records": [dict(r) for r in self.last_records],
+            }
+        snap["transfers"] = self.transfers.snapshot()
+        snap["transfers_in_flight"] = self.transfers.in_flight()
+        snap["bytes_total"] = dict(self.transfers.bytes_total)
+        return snap
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat()
+
     def stop(self) -> None:
         self._stop.set()
+        self.phase = "stopping"
         with self.lock:
             self.lock.notify_all()
 
@@ -433,6 +542,8 @@ class Coordinator:
         """Run rounds until cfg.rounds are complete (or stop() is called)."""
         try:
             if self.round_no == 0 and not self.summaries:
+                self.phase = "evaluating the initial model"
+                self._beat()
                 self._record_round(self._baseline_summary())
             attempts = 0
             while self.round_no < self.cfg.rounds and not self._stop.is_set():
@@ -444,13 +555,16 @@ class Coordinator:
         finally:
             with self.lock:
                 self.finished = True
+                self.phase = "stopped" if self._stop.is_set() and self.round_no < self.cfg.rounds else "finished"
                 self.lock.notify_all()
 
     def _wait_for_devices(self) -> list[str]:
         need = self.cfg.devices_needed
         last_note = 0.0
         with self.lock:
+            self.phase = "waiting for devices"
             while not self._stop.is_set():
+                self._beat()
                 alive = self.registry.alive()
                 if len(alive) >= need:
                     return alive
@@ -468,16 +582,20 @@ class Coordinator:
         sampled = sorted(rng.sample(sorted(alive), min(self.cfg.devices_per_round, len(alive))))
         now = time.monotonic()
         with self.lock:
+            assignments = {d: Assignment(d, uuid.uuid4().hex) for d in sampled}
+            self._choose_encodings(assignments)
             self.current = RoundState(
                 number=number, attempt=attempt, version=self.version, started=now,
-                deadline=now + self.cfg.round_deadline_s,
-                assignments={d: Assignment(d, uuid.uuid4().hex) for d in sampled},
+                deadline=now + self.cfg.round_deadline_s, assignments=assignments,
                 mean=RunningMean(self._canonical()))
             self.lock.notify_all()
         log.info("round %d: sampled %s", number, ", ".join(sampled))
         cur = self.current
+        self.transfers.new_round(number)
         with self.lock:
+            self.phase = "training"
             while not self._stop.is_set():
+                self._beat()
                 if all(a.settled for a in cur.assignments.values()):
                     break
                 left = cur.deadline - time.monotonic()
@@ -491,6 +609,7 @@ class Coordinator:
             # Metrics follow the upload reply by a moment; give them a short grace.
             grace_end = time.monotonic() + 5.0
             while any(a.metrics is None for a in got) and time.monotonic() < grace_end:
+                self._beat()
                 self.lock.wait(0.2)
         if self._stop.is_set():
             return False
@@ -503,22 +622,56 @@ class Coordinator:
         return True
 
     def _aggregate(self, cur: RoundState) -> None:
+        self.phase = "aggregating"
+        self._beat()
         t0 = time.monotonic()
         aliases = self._aliases()
         mean_delta = cur.mean.mean()
-        new = self.strategy.apply(self._canonical(), mean_delta)
+        old = self._canonical()
+        new = self.strategy.apply(old, mean_delta)
+        step = self._broadcast_delta(old, new, aliases) if self.cfg.download_payload == "delta" else None
         with self.lock:
-            self._set_global(new, aliases)
+            self._set_global(step[0] if step else new, aliases)
+            if step:
+                self.history.add(DeltaStep(cur.version, self.version, FrozenStream(StateEncoder(
+                    step[1], self.cfg.download_delta_spec(), digest=self.version, base_version=cur.version))))
             self.round_no = cur.number
         t_agg = time.monotonic() - t0
+        self.phase = "evaluating"
+        self._beat()
         ev = self.evaluator(self.state) if self.evaluator else None
+        self.phase = "checkpointing"
+        self._beat()
         tensors = dict(self.state)  # aliases included: storage keeps ties, the file loads into a model as is
         for k, v in self.strategy.state_dict().items():
             tensors[OPT_PREFIX + k] = v
+        for k, v in self.broadcast_ef.residual.items():
+            tensors[EF_PREFIX + k] = v
         self.checkpoints.save(cur.number, tensors, {"round": str(cur.number), "version": self.version,
                                                     "strategy": self.strategy.name})
         records = self._log_devices(cur)
         self._record_round(self._summary(cur, records, ev, t_agg))
+        self.last_records = records
+        self.rounds_completed_here += 1
+
+    def _broadcast_delta(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor],
+                         aliases: Mapping[str, list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(next global, delta to send): the quantized step the devices will receive, applied here too.
+
+        The server moves its own model by exactly the decoded delta, so a
+        device that adds the same decoded delta to the same version holds the
+        same bits (digest-checked on arrival). What quantization left out is
+        kept as a residual and added to the next round's step.
+        """
+        spec = self.cfg.download_delta_spec()
+        send, received, residual = self.broadcast_ef.compensate(subtract(new, old), spec.encoding_id,
+                                                                spec.block_size, spec.chunk_elems)
+        self.broadcast_ef.commit(residual)
+        tied = dict(send)
+        for name, names in aliases.items():
+            for a in names:
+                tied[a] = send[name]
+        return apply_delta(old, received), {k: tied[k] for k in self.state}
 
     def _log_devices(self, cur: RoundState) -> list[dict[str, Any]]:
         records = []
@@ -529,6 +682,10 @@ class Coordinator:
                                    "num_samples": a.num_samples}
             if a.reason:
                 rec["reason"] = a.reason
+            if a.upload_encoding:
+                rec["upload_encoding"] = a.upload_encoding
+            if a.encoding_reason:
+                rec["encoding_reason"] = a.encoding_reason
             for k in ("t_comp_s", "t_down_s", "t_up_s", "t_wait_s", "bytes_down", "bytes_up", "tokens",
                       "train_loss", "download_cached", "step_times", "extra"):
                 if k in m:
@@ -568,8 +725,12 @@ class Coordinator:
             "aggregate_s": t_agg,
             "version": self.version,
             "strategy": self.strategy.name,
-            "download": f"{self.cfg.download_encoding}/{self.cfg.download_codec}",
-            "upload": f"{self.cfg.upload_encoding}/{self.cfg.upload_codec}",
+            "download": f"{self.cfg.download_encoding}/{self.cfg.download_codec}"
+                        + (f" + {self.cfg.download_delta_encoding} deltas" if self.cfg.download_payload == "delta"
+                           else ""),
+            "upload": f"{self.cfg.upload_encoding}/{self.cfg.upload_codec}"
+                      + (f" {self.cfg.upload_payload}" + (" +EF" if self.cfg.error_feedback else "")
+                         if self.cfg.upload_payload == "delta" else ""),
             **_eval_fields(ev),
         }
 

@@ -16,6 +16,7 @@ from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 from .auth import DEVICE_ID, gatekeeper_for, server_credentials
 from .rounds import Coordinator, RoundError, UpdateRefused
+from .status import status_message
 
 log = logging.getLogger("fedserver.service")
 
@@ -78,14 +79,25 @@ class FederationService(pbg.FederationServicer):
         _check_device(request.device_id, context)
         try:
             enc = self.coord.encoder_for(request.device_id, request.session_id, request.model_version,
-                                         request.encoding, request.codec)
+                                         request.encoding, request.codec, request.base_version)
             start = request.start if request.HasField("start") else None
             chunks = enc.chunks(start)
+        except (RoundError, WireError) as exc:
+            _abort(context, exc)
+            raise
+        cur = self.coord.current
+        board = self.coord.transfers
+        t = board.begin(request.device_id, "down", cur.number if cur is not None else self.coord.round_no,
+                        enc.manifest.wire_bytes)
+        try:
             yield pb.DownloadMessage(manifest=enc.manifest)
             for chunk in chunks:
                 yield pb.DownloadMessage(chunk=chunk)
-        except (RoundError, WireError) as exc:
+                board.add(t, len(chunk.payload) + len(chunk.scales))
+        except WireError as exc:
             _abort(context, exc)
+        finally:
+            board.end(t)
 
     def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
         first = next(request_iterator, None)
@@ -100,6 +112,9 @@ class FederationService(pbg.FederationServicer):
             raise
         if not sess.stream_lock.acquire(blocking=False):
             context.abort(grpc.StatusCode.ABORTED, f"another stream is already uploading task {header.task_id}")
+        board = self.coord.transfers
+        t = board.begin(header.device_id, "up", header.round, header.manifest.wire_bytes,
+                        done=sess.receiver.bytes_received)
         try:
             for msg in request_iterator:
                 if msg.WhichOneof("body") != "chunk":
@@ -108,12 +123,14 @@ class FederationService(pbg.FederationServicer):
                     sess.charge(msg.chunk)
                 except UpdateRefused as exc:
                     self.coord.refuse_upload(sess, str(exc), exc.code)
+                before = sess.receiver.bytes_received
                 try:
                     sess.receiver.accept(msg.chunk)
                 except WireError as exc:
                     if exc.kind == "value":  # NaN/Inf: the update itself is bad, not its transport
                         self.coord.refuse_upload(sess, f"{exc}")
                     raise
+                board.add(t, sess.receiver.bytes_received - before, done=sess.receiver.bytes_received)
             nxt = sess.receiver.next_position()
             r = sess.receiver
             if nxt is not None:
@@ -134,6 +151,7 @@ class FederationService(pbg.FederationServicer):
             _abort(context, exc)
             raise
         finally:
+            board.end(t)
             sess.stream_lock.release()
 
     def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadStatusReply:
@@ -170,6 +188,9 @@ class FederationService(pbg.FederationServicer):
         except RoundError as exc:
             _abort(context, exc)
         return pb.MetricsAck()
+
+    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.ServerStatus:
+        return status_message(self.coord.snapshot())
 
 
 def make_server(coord: Coordinator, listen: str, max_workers: int) -> tuple[grpc.Server, int, health.HealthServicer]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,8 +33,19 @@ class SimulateConfig:
     rounds: int = field(default=8, metadata=described("federated rounds"))
     devices: int = field(default=10, metadata=described("device daemons to start"))
     devices_per_round: int = field(default=3, metadata=described("devices sampled each round"))
-    encoding: str = field(default="fp32", metadata=described("wire encoding, both directions: fp32, fp16, bf16, int8, nf4"))
-    codec: str = field(default="none", metadata=described("wire codec, both directions: none or zstd"))
+    encoding: str = field(default="fp32", metadata=described("wire encoding, both directions: fp32, fp16, bf16, int8, "
+                                                             "nf4, int4"))
+    codec: str = field(default="none", metadata=described("wire codec, both directions: none, zstd or zstd-bg"))
+    download_encoding: str | None = field(default=None, metadata=described("full-model downloads (default: --encoding)"))
+    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)"))
+    error_feedback: bool = field(default=False, metadata=described("delta uploads carry the quantization residual on"))
+    download_payload: str = field(default="weights", metadata=described("'delta': quantized broadcast deltas to "
+                                                                        "devices holding a recent version"))
+    download_delta_encoding: str = field(default="int8", metadata=described("encoding of broadcast deltas"))
+    link_aware: bool = field(default=False, metadata=described("choose each device's upload encoding from its "
+                                                               "measured link (see fedserver run --help)"))
+    link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G per device"))
+    link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round"))
     strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi"))
     server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)"))
     local_epochs: int = field(default=1, metadata=described("local epochs per round"))
@@ -51,6 +63,8 @@ class SimulateConfig:
     round_deadline_s: float = field(default=600.0, metadata=described("seconds a round waits for its updates"))
     threads_per_device: int = field(default=1, metadata=described("torch threads per daemon"))
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
+    metrics_port: int = field(default=0, metadata=described("serve Prometheus /metrics: the server on 127.0.0.1:PORT, "
+                                                            "device i on PORT+1+i (0: off)"))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
     insecure: bool = field(default=False, metadata=described("plaintext gRPC instead of mutual TLS with a fleet of "
@@ -59,6 +73,8 @@ class SimulateConfig:
     def validate(self) -> None:
         if self.devices < 1 or not 1 <= self.devices_per_round <= self.devices:
             raise ValueError(f"need 1 <= devices_per_round ({self.devices_per_round}) <= devices ({self.devices})")
+        if self.metrics_port and not 0 < self.metrics_port + self.devices < 65536:
+            raise ValueError(f"metrics_port {self.metrics_port}: the devices' ports would pass 65535")
         # Certificates are made when the run starts; check everything else now.
         dataclasses.replace(self.server_config(Path("."), 0), insecure=True).validate()
 
@@ -72,18 +88,25 @@ class SimulateConfig:
             round_deadline_s=self.round_deadline_s, seed=self.seed, local_epochs=self.local_epochs,
             local_steps=self.local_steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
             max_input_tokens=self.max_input_tokens, max_target_tokens=self.max_target_tokens,
-            strategy=self.strategy, server_lr=self.server_lr, download_encoding=self.encoding,
+            strategy=self.strategy, server_lr=self.server_lr, download_encoding=self.download_encoding or self.encoding,
             download_codec=self.codec, upload_encoding=self.encoding, upload_codec=self.codec,
+            upload_payload=self.upload_payload, error_feedback=self.error_feedback,
+            download_payload=self.download_payload, download_delta_encoding=self.download_delta_encoding,
+            link_aware=self.link_aware, link_target_g=self.link_target_g, link_byte_budget=self.link_byte_budget,
             eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates,
-            insecure=self.insecure)
+            metrics_listen=f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "", insecure=self.insecure)
 
     def client_args(self, i: int, server: str) -> list[str]:
-        args = ["--server", server, "--device-id", self.device_ids()[i], "--data", self.data,
+        dev = self.device_ids()[i]
+        args = ["--server", server, "--device-id", dev, "--data", self.data,
+                "--state-dir", str(Path(self.out) / "devices" / dev),
                 "--data-size", str(self.data_size), "--data-seed", str(self.seed), "--partitions", str(self.devices),
                 "--partition", str(i), "--alpha", str(self.alpha), "--threads", str(self.threads_per_device),
                 "--retry-initial-s", "0.5", "--retry-max-s", "5"]
         if self.weights_dir:
             args += ["--weights-dir", str(self.weights_dir)]
+        if self.metrics_port:
+            args += ["--metrics-listen", f"127.0.0.1:{self.metrics_port + 1 + i}"]
         return args
 
 
@@ -163,9 +186,10 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     logs.mkdir(parents=True, exist_ok=True)
     for stale in ("summary.json", "rounds.jsonl"):
         (out / stale).unlink(missing_ok=True)
-    if (out / "checkpoints").exists():
-        import shutil
-        shutil.rmtree(out / "checkpoints")
+    # A new run starts clean: no checkpoint to resume, no device residual from an old run.
+    for stale_dir in ("checkpoints", "devices"):
+        if (out / stale_dir).exists():
+            shutil.rmtree(out / stale_dir)
     port = launcher.port or free_port()
     scfg = cfg.server_config(out, port, launcher.listen_host)
     fleet = None
@@ -190,7 +214,7 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
         procs.append((dev, *_spawn(argv, logs / f"{dev}.log")))
     security = f"mutual TLS (certificates in {fleet.out})" if fleet else "PLAINTEXT (--insecure)"
     echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, preset {cfg.preset}, "
-         f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {cfg.encoding}/{cfg.codec}, {cfg.strategy}, "
+         f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {_wire(cfg)}, {cfg.strategy}, "
          f"{security}; logs in {logs}")
     server = procs[0][1]
     printed = 0
@@ -234,6 +258,16 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     echo(f"simulate: {cfg.rounds} rounds in {time.monotonic() - t0:.0f} s; wrote {out / 'rounds.jsonl'} and "
          f"{out / 'summary.json'}")
     return 0
+
+
+def _wire(cfg: SimulateConfig) -> str:
+    down = f"down {cfg.download_encoding or cfg.encoding}/{cfg.codec}"
+    if cfg.download_payload == "delta":
+        down += f" then {cfg.download_delta_encoding} deltas"
+    up = f"up {cfg.encoding}/{cfg.codec} {cfg.upload_payload}" + (" +EF" if cfg.error_feedback else "")
+    if cfg.link_aware:
+        up += " (link-aware)"
+    return f"{down}, {up}"
 
 
 def _read_summaries(path: Path) -> list[dict[str, Any]]:

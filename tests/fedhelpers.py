@@ -48,6 +48,15 @@ class Fleet:
             self.serials[device_id] = format(cert.serial_number, "x")
         return ClientSecurity(tls_ca=self.root / "ca.pem", tls_cert=cert_path, tls_key=key_path)
 
+    def admin_security(self, name: str = "admin") -> ClientSecurity:
+        """An operator's certificate (fedtune://admin/<name>): may read status, never act for a device."""
+        cert_path, key_path = self.root / f"admin-{name}.pem", self.root / f"admin-{name}.key"
+        if not cert_path.exists():
+            key, cert = self.ca.admin(name)
+            write_cert(cert_path, cert)
+            write_key(key_path, key)
+        return ClientSecurity(tls_ca=self.root / "ca.pem", tls_cert=cert_path, tls_key=key_path)
+
     def client_args(self, device_id: str) -> list[str]:
         s = self.security(device_id)
         return ["--tls-ca", str(s.tls_ca), "--tls-cert", str(s.tls_cert), "--tls-key", str(s.tls_key)]

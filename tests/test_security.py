@@ -182,8 +182,12 @@ def test_enrollment_token_names_the_device_on_tls_without_client_certificates(tm
         srv.close()
 
 
-def test_nan_and_oversized_updates_are_refused_and_the_round_goes_on(tmp_path):
-    """Four sampled devices: an honest one, a NaN update, one over max_update_norm, one clipped."""
+@pytest.mark.parametrize("payload", ["weights", "delta"])
+def test_nan_and_oversized_updates_are_refused_and_the_round_goes_on(tmp_path, payload):
+    """Four sampled devices: an honest one, a NaN update, one over max_update_norm, one clipped.
+
+    The norm bounded is that of update - global for WEIGHTS uploads and of the delta itself for DELTA ones.
+    """
     fleet = Fleet(tmp_path / "pki")
     cfg = tiny_server_config(tmp_path / "srv", fleet, rounds=1, devices_per_round=4, min_updates=1, eval_size=0,
                              round_deadline_s=3600, max_update_norm=100.0, clip_update_norm=0.5)
@@ -207,7 +211,8 @@ def test_nan_and_oversized_updates_are_refused_and_the_round_goes_on(tmp_path):
         norm = float(torch.sqrt(sum(n.double().pow(2).sum() for n in noise.values())))
 
         def plus(scale: float) -> dict[str, torch.Tensor]:
-            return {k: base[k] + scale * noise[k] / norm if k in noise else base[k] for k in canon}
+            offset = {k: base[k] for k in canon} if payload == "weights" else {k: 0.0 for k in canon}
+            return {k: offset[k] + scale * noise[k] / norm if k in noise else base[k] for k in canon}
 
         updates = {"honest": plus(0.2), "nan": plus(0.2), "huge": plus(1000.0), "big": plus(5.0)}
         updates["nan"][canon[0]].view(-1)[3] = float("nan")
@@ -215,7 +220,7 @@ def test_nan_and_oversized_updates_are_refused_and_the_round_goes_on(tmp_path):
         for d in ["nan", "huge", "big", "honest"]:
             sid, task = joined[d]
             try:
-                _upload(chans[d], d, sid, task, updates[d], base)
+                _upload(chans[d], d, sid, task, updates[d], base, payload)
                 codes[d] = grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 codes[d] = exc.code()
@@ -238,7 +243,7 @@ def test_nan_and_oversized_updates_are_refused_and_the_round_goes_on(tmp_path):
 
 
 def _upload(ch: grpc.Channel, dev: str, sid: str, task: pb.Task, canonical: dict[str, torch.Tensor],
-            like: dict[str, torch.Tensor]) -> pb.UploadReply:
+            like: dict[str, torch.Tensor], payload: str = "weights") -> pb.UploadReply:
     from fedclient.transfer import upload
     from fedcore.wire import TransferSpec, codec_name, encoding_name
 
@@ -249,7 +254,7 @@ def _upload(ch: grpc.Channel, dev: str, sid: str, task: pb.Task, canonical: dict
     state = {k: state[k] for k in like}
     up = task.upload
     spec = TransferSpec(encoding_name(up.encoding), codec_name(up.codec), block_size=up.block_size,
-                        chunk_elems=up.chunk_elems)
+                        chunk_elems=up.chunk_elems, payload=payload)
     hdr = pb.UploadHeader(device_id=dev, session_id=sid, task_id=task.task_id, round=task.round,
                           base_version=task.model_version, num_samples=10)
 
@@ -258,3 +263,21 @@ def _upload(ch: grpc.Channel, dev: str, sid: str, task: pb.Task, canonical: dict
 
     reply, _ = upload(pbg.FederationStub(ch), hdr, state, spec, 0, no_retry, timeout=120)
     return reply
+
+
+def test_status_command_dials_with_an_operator_certificate(tmp_path, capsys):
+    fleet = Fleet(tmp_path / "pki")
+    srv = start_server(tiny_server_config(tmp_path / "srv", fleet, round_deadline_s=3600))
+    try:
+        admin = fleet.admin_security()
+        assert fedserver_main(["status", "--server", srv.address, "--tls-ca", str(admin.tls_ca),
+                               "--tls-cert", str(admin.tls_cert), "--tls-key", str(admin.tls_key)]) == 0
+        assert f"server {srv.address}" in capsys.readouterr().out
+        # No certificate: refused before dialing, with what to pass.
+        assert fedserver_main(["status", "--server", srv.address]) == 2
+        assert "--insecure" in capsys.readouterr().err
+        # Plaintext against a TLS server: no answer.
+        assert fedserver_main(["status", "--server", srv.address, "--insecure", "true", "--timeout", "5"]) == 1
+        assert "UNAVAILABLE" in capsys.readouterr().err
+    finally:
+        srv.close()

@@ -146,9 +146,21 @@ def check_nf4(x: torch.Tensor, y: torch.Tensor, block: int) -> None:
     assert dist.numel() == 0 or dist.max().item() < 1e-5
 
 
+def check_int4(x: torch.Tensor, y: torch.Tensor, block: int) -> None:
+    absmax, err, yb = per_block(x, y, block)
+    bound = absmax / 14 * (1 + 1e-5) + 1e-30
+    bad = (err > bound).nonzero()
+    assert bad.numel() == 0, f"block {bad[0].item()}: error {err[bad[0]].item()} > {bound[bad[0]].item()}"
+    # Decoded values are whole multiples of absmax / 7 within -7..7.
+    live = absmax > 0
+    steps = yb[live] / (absmax[live, None] / 7)
+    assert steps.numel() == 0 or ((steps - steps.round()).abs().max().item() < 1e-4
+                                  and steps.abs().max().item() <= 7 + 1e-4)
+
+
 @pytest.mark.parametrize("codec", list(CODECS))
 @pytest.mark.parametrize("block", [64, 32, 7])
-@pytest.mark.parametrize("encoding,check", [("int8", check_int8), ("nf4", check_nf4)])
+@pytest.mark.parametrize("encoding,check", [("int8", check_int8), ("nf4", check_nf4), ("int4", check_int4)])
 def test_blockwise_error_bounds(encoding: str, check: Callable, block: int, codec: str) -> None:
     g = torch.Generator().manual_seed(block)
     state = {
@@ -371,10 +383,11 @@ def test_non_finite_block_scale_is_refused() -> None:
     assert info.value.kind == "value" and NAME in str(info.value)
 
 
+@pytest.mark.parametrize("codec", ["zstd", "zstd-bg"])
 @pytest.mark.parametrize("content_size", [True, False])
-def test_zstd_bomb_is_refused(content_size: bool) -> None:
+def test_zstd_bomb_is_refused(content_size: bool, codec: str) -> None:
     """A small payload that decompresses far beyond raw_len is refused, not inflated."""
-    manifest, chunks = victim_stream("fp32", "zstd")
+    manifest, chunks = victim_stream("fp32", codec)
     c = chunks[victim_chunks(chunks)[0]]
     c.payload = zstandard.ZstdCompressor(write_content_size=content_size).compress(bytes(64 << 20))
     recrc(c)

@@ -7,12 +7,14 @@ from fedtune.v1 import fedtune_pb2 as pb
 
 ENCODINGS: dict[str, int] = {
     "raw": pb.RAW, "fp32": pb.FP32, "fp16": pb.FP16, "bf16": pb.BF16, "int8": pb.INT8, "nf4": pb.NF4,
+    "int4": pb.INT4,
 }
-CODECS: dict[str, int] = {"none": pb.NONE, "zstd": pb.ZSTD}
+CODECS: dict[str, int] = {"none": pb.NONE, "zstd": pb.ZSTD, "zstd-bg": pb.ZSTD_BG}
 PAYLOADS: dict[str, int] = {"weights": pb.WEIGHTS, "delta": pb.DELTA}
 
 # Quantized encodings carry one fp32 scale per block of elements.
-BLOCKWISE = frozenset({pb.INT8, pb.NF4})
+BLOCKWISE = frozenset({pb.INT8, pb.NF4, pb.INT4})
+FOUR_BIT = frozenset({pb.NF4, pb.INT4})
 LOSSLESS_FOR_FP32 = frozenset({pb.RAW, pb.FP32})
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -84,9 +86,20 @@ def payload_len(encoding: int, dtype: torch.dtype, count: int) -> int:
         return 2 * count
     if encoding == pb.INT8:
         return count
-    if encoding == pb.NF4:
+    if encoding in FOUR_BIT:
         return (count + 1) // 2
     raise WireError("encoding", f"unknown encoding {encoding}")
+
+
+def element_width(encoding: int, dtype: torch.dtype) -> int:
+    """Bytes of one encoded element: the word size the byte-grouped codec splits into planes."""
+    if encoding == pb.RAW:
+        return dtype.itemsize
+    if encoding == pb.FP32:
+        return 4
+    if encoding in (pb.FP16, pb.BF16):
+        return 2
+    return 1  # int8 codes, and 4-bit codes packed two a byte: no planes to split
 
 
 def scales_len(encoding: int, count: int, block_size: int) -> int:

@@ -9,7 +9,7 @@ import torch
 
 from fedtune.v1 import fedtune_pb2 as pb
 
-from .formats import (BLOCKWISE, WireError, dtype_from_name, dtype_name, payload_len, scales_len,
+from .formats import (BLOCKWISE, CODECS, ENCODINGS, WireError, dtype_from_name, dtype_name, payload_len, scales_len,
                       wire_encoding)
 
 # Limits on what a peer may declare, so a hostile manifest cannot make the
@@ -94,9 +94,9 @@ def tensor_wire_bytes(dtype: torch.dtype, numel: int, encoding: int, block_size:
 
 
 def check_framing(encoding: int, codec: int, block_size: int, chunk_elems: int) -> None:
-    if encoding not in (pb.RAW, pb.FP32, pb.FP16, pb.BF16, pb.INT8, pb.NF4):
+    if encoding not in ENCODINGS.values():
         raise WireError("encoding", f"unknown encoding {encoding}")
-    if codec not in (pb.NONE, pb.ZSTD):
+    if codec not in CODECS.values():
         raise WireError("codec", f"unknown codec {codec}")
     if not 0 < block_size <= MAX_BLOCK_SIZE:
         raise WireError("framing", f"block_size {block_size} outside 1..{MAX_BLOCK_SIZE}")

@@ -2,7 +2,10 @@
 
 Pure tensor arithmetic, no framing. INT8 is blockwise absmax (error at most
 absmax/254 per block); NF4 is the 4-bit NormalFloat code of QLoRA (Dettmers
-et al. 2023), blockwise absmax, two codes a byte, low nibble first.
+et al. 2023), blockwise absmax, two codes a byte, low nibble first. INT4 is
+symmetric blockwise absmax 4-bit: levels -7..7 times absmax/7, stored as
+level + 8 in a nibble; its levels are evenly spaced, which suits update deltas
+(flatter than the bell-shaped weights NF4 is built for; see bench.codec --deltas).
 """
 from __future__ import annotations
 
@@ -76,12 +79,25 @@ def encode(x: torch.Tensor, encoding: int, block_size: int) -> tuple[bytes, byte
         return q.view(-1)[:n].numpy().tobytes(), scale.numpy().tobytes()
     if encoding == pb.NF4:
         safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        idx = torch.bucketize(blocks / safe[:, None], _NF4_MIDPOINTS).to(torch.uint8).view(-1)[:n]
-        if n % 2:
-            idx = torch.nn.functional.pad(idx, (0, 1))
-        packed = idx[0::2] | (idx[1::2] << 4)
-        return packed.numpy().tobytes(), absmax.numpy().tobytes()
+        idx = torch.bucketize(blocks / safe[:, None], _NF4_MIDPOINTS).to(torch.uint8)
+        return _pack_nibbles(idx.view(-1)[:n]), absmax.numpy().tobytes()
+    if encoding == pb.INT4:
+        scale = absmax / 7.0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(blocks / safe[:, None]).clamp_(-7, 7).add_(8).to(torch.uint8)
+        return _pack_nibbles(q.view(-1)[:n]), scale.numpy().tobytes()
     raise WireError("encoding", f"unknown encoding {encoding}")
+
+
+def _pack_nibbles(idx: torch.Tensor) -> bytes:
+    if idx.numel() % 2:
+        idx = torch.nn.functional.pad(idx, (0, 1))
+    return (idx[0::2] | (idx[1::2] << 4)).numpy().tobytes()
+
+
+def _unpack_nibbles(payload: bytes, count: int) -> torch.Tensor:
+    packed = as_tensor(payload, torch.uint8)
+    return torch.stack([packed & 0x0F, packed >> 4], dim=1).view(-1)[:count].long()
 
 
 def decode(payload: bytes, scales: bytes, encoding: int, dtype: torch.dtype, count: int,
@@ -111,16 +127,16 @@ def decode(payload: bytes, scales: bytes, encoding: int, dtype: torch.dtype, cou
     if encoding == pb.INT8:
         q = as_tensor(payload, torch.int8).to(torch.float32)
     elif encoding == pb.NF4:
-        packed = as_tensor(payload, torch.uint8)
-        idx = torch.stack([packed & 0x0F, packed >> 4], dim=1).view(-1)[:count].long()
-        q = NF4_LEVELS[idx]
+        q = NF4_LEVELS[_unpack_nibbles(payload, count)]
+    elif encoding == pb.INT4:
+        q = (_unpack_nibbles(payload, count) - 8).to(torch.float32)
     else:
         raise WireError("encoding", f"unknown encoding {encoding}")
     pad = nblocks * block_size - count
     if pad:
         q = torch.nn.functional.pad(q, (0, pad))
     out = (q.view(nblocks, block_size) * scale[:, None]).view(-1)[:count]
-    if encoding == pb.INT8:
+    if encoding in (pb.INT8, pb.INT4):
         # absmax/127 rounds up at times, so 127 * scale can pass float32's max
         # for a block whose absmax is within an ulp of it: clamp it back.
         out.clamp_(-_F32_MAX, _F32_MAX)

@@ -15,9 +15,10 @@ import torch
 from fedtune.v1 import fedtune_pb2 as pb
 
 from . import quant
+from .delta import apply_delta
 from .compress import Compressor, Decompressor
-from .formats import (LOSSLESS_FOR_FP32, WireError, codec_id, dtype_name, encoding_id, payload_len,
-                      scales_len, wire_encoding)
+from .formats import (LOSSLESS_FOR_FP32, WireError, codec_id, dtype_name, element_width, encoding_id,
+                      payload_len, scales_len, wire_encoding)
 from .manifest import Layout, TensorEntry, build_manifest, check_manifest, state_digest, unique_tensors
 
 # 256K elements is 1 MiB of fp32 per chunk. bench/stream.py measured 256 KiB
@@ -51,6 +52,11 @@ class TransferSpec:
     def payload_id(self) -> int:
         return pb.DELTA if self.payload == "delta" else pb.WEIGHTS
 
+    def settings(self, error_feedback: bool = False) -> pb.TransferSettings:
+        return pb.TransferSettings(encoding=self.encoding_id, codec=self.codec_id, zstd_level=self.zstd_level,
+                                   block_size=self.block_size, chunk_elems=self.chunk_elems,
+                                   payload=self.payload_id, error_feedback=error_feedback)
+
     def validate(self) -> None:
         encoding_id(self.encoding)
         codec_id(self.codec)
@@ -69,12 +75,13 @@ class StateEncoder:
     """Encodes a state dict; `chunks()` may start anywhere for resumption."""
 
     def __init__(self, state: Mapping[str, torch.Tensor], spec: TransferSpec,
-                 digest: str | None = None) -> None:
+                 digest: str | None = None, base_version: str = "") -> None:
         spec.validate()
         self.spec = spec
         self.entries: list[TensorEntry] = unique_tensors(state)
         self.manifest = build_manifest(self.entries, spec.encoding_id, spec.codec_id, spec.block_size,
                                        spec.chunk_elems, spec.payload_id, digest)
+        self.manifest.base_version = base_version
 
     def chunks(self, start: pb.Position | None = None) -> Iterator[pb.Chunk]:
         ti, off = (start.tensor_index, start.offset) if start is not None else (0, 0)
@@ -98,11 +105,38 @@ class StateEncoder:
                 if piece.device.type != "cpu":
                     piece = piece.cpu()
                 raw, scales = quant.encode(piece, enc, self.spec.block_size)
-                payload = comp.compress(raw)
+                payload = comp.compress(raw, element_width(enc, t.dtype))
                 yield pb.Chunk(tensor=e.name, dtype=dtype_name(t.dtype), shape=list(t.shape), offset=o,
                                count=piece.numel(), encoding=enc, codec=self.spec.codec_id,
                                block_size=self.spec.block_size, scales=scales, payload=payload,
                                crc32c=chunk_crc(scales, payload), raw_len=len(raw))
+
+
+class FrozenStream:
+    """A state dict encoded once and kept as its chunks, to serve many downloads (broadcast deltas).
+
+    Holds the encoded bytes only (a quarter of fp32 for int8), not the tensors.
+    """
+
+    def __init__(self, encoder: StateEncoder) -> None:
+        self.manifest = encoder.manifest
+        self._chunks = list(encoder.chunks())
+        self._index = {(c.tensor, c.offset): i for i, c in enumerate(self._chunks)}
+        self._names = [e.name for e in encoder.entries]
+        self.wire_bytes = sum(len(c.payload) + len(c.scales) for c in self._chunks)
+
+    def chunks(self, start: pb.Position | None = None) -> Iterator[pb.Chunk]:
+        if start is None:
+            return iter(self._chunks)
+        if start.tensor_index == len(self._names):
+            return iter(())
+        if not 0 <= start.tensor_index < len(self._names):
+            raise WireError("offset", f"start tensor index {start.tensor_index} outside 0..{len(self._names)}")
+        i = self._index.get((self._names[start.tensor_index], start.offset))
+        if i is None:
+            raise WireError("offset", f"start offset {start.offset} is not a chunk boundary of "
+                                      f"{self._names[start.tensor_index]}")
+        return iter(self._chunks[i:])
 
 
 def encode_state(state: Mapping[str, torch.Tensor], spec: TransferSpec,
@@ -171,7 +205,7 @@ class StateReceiver:
         if chunk_crc(c.scales, c.payload) != c.crc32c:
             raise WireError("checksum", f"{where}: CRC-32C mismatch, chunk corrupted in transit")
         try:
-            raw = self._decomp.decompress(c.codec, c.payload, want_raw)
+            raw = self._decomp.decompress(c.codec, c.payload, want_raw, element_width(enc, lay.dtype))
             values = quant.decode(raw, c.scales, enc, lay.dtype, c.count, c.block_size)
         except WireError as exc:
             # The codec does not know which tensor it decodes; say where.
@@ -214,15 +248,35 @@ class StateReceiver:
                 return False
         return True
 
-    def finish(self, verify_digest: bool = True) -> dict[str, torch.Tensor]:
-        """The received state dict with aliases tied again; raises if incomplete."""
+    def finish(self, verify_digest: bool = True,
+               base: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The received state dict with aliases tied again; raises if incomplete.
+
+        With `base` (a DELTA manifest naming the base version), the delta is
+        added to base and the result, which must be bit-exact, is checked
+        against the manifest's digest and returned instead.
+        """
         pos = self.next_position()
         if pos is not None:
             lay = self.layouts[pos.tensor_index]
             raise WireError("missing", f"stream ended before chunk {lay.name}[{pos.offset}:] arrived "
                                        f"({self.chunks_received} chunks received)")
         entries = [TensorEntry(lay.name, t, list(lay.aliases)) for lay, t in zip(self.layouts, self.tensors)]
-        if verify_digest and self.lossless and self.manifest.digest:
+        if base is not None:
+            if self.manifest.payload != pb.DELTA or not self.manifest.base_version:
+                raise WireError("payload", "a base was given but the manifest is not a delta from a base version")
+            missing = [lay.name for lay in self.layouts if lay.name not in base]
+            if missing:
+                raise WireError("missing", f"the base lacks {len(missing)} tensor(s) of the delta, first "
+                                           f"{missing[0]!r}")
+            applied = apply_delta({lay.name: base[lay.name] for lay in self.layouts},
+                                  {e.name: e.tensor for e in entries})
+            entries = [TensorEntry(e.name, applied[e.name], e.aliases) for e in entries]
+            got = state_digest(entries)
+            if got != self.manifest.digest:
+                raise WireError("digest", f"delta applied to {self.manifest.base_version[:19]}... gives {got[:19]}..., "
+                                          f"not the manifest's {self.manifest.digest[:19]}...")
+        elif verify_digest and self.lossless and self.manifest.digest and not self.manifest.base_version:
             got = state_digest(entries)
             if got != self.manifest.digest:
                 raise WireError("digest", f"model digest {got} does not match the manifest's {self.manifest.digest}")

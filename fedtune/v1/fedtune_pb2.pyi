@@ -16,12 +16,14 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BF16: _ClassVar[Encoding]
     INT8: _ClassVar[Encoding]
     NF4: _ClassVar[Encoding]
+    INT4: _ClassVar[Encoding]
 
 class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CODEC_UNSPECIFIED: _ClassVar[Codec]
     NONE: _ClassVar[Codec]
     ZSTD: _ClassVar[Codec]
+    ZSTD_BG: _ClassVar[Codec]
 
 class Payload(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,9 +37,11 @@ FP16: Encoding
 BF16: Encoding
 INT8: Encoding
 NF4: Encoding
+INT4: Encoding
 CODEC_UNSPECIFIED: Codec
 NONE: Codec
 ZSTD: Codec
+ZSTD_BG: Codec
 PAYLOAD_UNSPECIFIED: Payload
 WEIGHTS: Payload
 DELTA: Payload
@@ -55,7 +59,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., aliases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("tensors", "encoding", "codec", "block_size", "chunk_elems", "digest", "payload", "wire_bytes")
+    __slots__ = ("tensors", "encoding", "codec", "block_size", "chunk_elems", "digest", "payload", "wire_bytes", "base_version")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +68,7 @@ class Manifest(_message.Message):
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     encoding: Encoding
     codec: Codec
@@ -72,7 +77,8 @@ class Manifest(_message.Message):
     digest: str
     payload: Payload
     wire_bytes: int
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., chunk_elems: _Optional[int] = ..., digest: _Optional[str] = ..., payload: _Optional[_Union[Payload, str]] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
+    base_version: str
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., block_size: _Optional[int] = ..., chunk_elems: _Optional[int] = ..., digest: _Optional[str] = ..., payload: _Optional[_Union[Payload, str]] = ..., wire_bytes: _Optional[int] = ..., base_version: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("tensor", "dtype", "shape", "offset", "count", "encoding", "codec", "block_size", "scales", "payload", "crc32c", "raw_len")
@@ -173,20 +179,22 @@ class TrainingSettings(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class TransferSettings(_message.Message):
-    __slots__ = ("encoding", "codec", "zstd_level", "block_size", "chunk_elems", "payload")
+    __slots__ = ("encoding", "codec", "zstd_level", "block_size", "chunk_elems", "payload", "error_feedback")
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     ZSTD_LEVEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ELEMS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     encoding: Encoding
     codec: Codec
     zstd_level: int
     block_size: int
     chunk_elems: int
     payload: Payload
-    def __init__(self, encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., zstd_level: _Optional[int] = ..., block_size: _Optional[int] = ..., chunk_elems: _Optional[int] = ..., payload: _Optional[_Union[Payload, str]] = ...) -> None: ...
+    error_feedback: bool
+    def __init__(self, encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., zstd_level: _Optional[int] = ..., block_size: _Optional[int] = ..., chunk_elems: _Optional[int] = ..., payload: _Optional[_Union[Payload, str]] = ..., error_feedback: _Optional[bool] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("device_id", "session_id")
@@ -227,20 +235,22 @@ class Task(_message.Message):
     def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., model_version: _Optional[str] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., upload: _Optional[_Union[TransferSettings, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("device_id", "session_id", "model_version", "start", "encoding", "codec")
+    __slots__ = ("device_id", "session_id", "model_version", "start", "encoding", "codec", "base_version")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     session_id: str
     model_version: str
     start: Position
     encoding: Encoding
     codec: Codec
-    def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_version: _Optional[str] = ..., start: _Optional[_Union[Position, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ...) -> None: ...
+    base_version: str
+    def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_version: _Optional[str] = ..., start: _Optional[_Union[Position, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., base_version: _Optional[str] = ...) -> None: ...
 
 class DownloadMessage(_message.Message):
     __slots__ = ("manifest", "chunk")
@@ -374,3 +384,93 @@ class RoundMetrics(_message.Message):
 class MetricsAck(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TransferProgress(_message.Message):
+    __slots__ = ("device_id", "direction", "round", "bytes_done", "bytes_total", "rate_bytes_per_s", "seconds", "active")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RATE_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    direction: str
+    round: int
+    bytes_done: int
+    bytes_total: int
+    rate_bytes_per_s: float
+    seconds: float
+    active: bool
+    def __init__(self, device_id: _Optional[str] = ..., direction: _Optional[str] = ..., round: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., rate_bytes_per_s: _Optional[float] = ..., seconds: _Optional[float] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class Participant(_message.Message):
+    __slots__ = ("device_id", "status", "reported")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    status: str
+    reported: bool
+    def __init__(self, device_id: _Optional[str] = ..., status: _Optional[str] = ..., reported: _Optional[bool] = ...) -> None: ...
+
+class RoundSummary(_message.Message):
+    __slots__ = ("round", "g", "t_comm_s", "t_comp_s", "bytes_down", "bytes_up", "rouge_l", "eval_loss", "participants")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    G_FIELD_NUMBER: _ClassVar[int]
+    T_COMM_S_FIELD_NUMBER: _ClassVar[int]
+    T_COMP_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_FIELD_NUMBER: _ClassVar[int]
+    ROUGE_L_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    g: float
+    t_comm_s: float
+    t_comp_s: float
+    bytes_down: int
+    bytes_up: int
+    rouge_l: float
+    eval_loss: float
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., g: _Optional[float] = ..., t_comm_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., rouge_l: _Optional[float] = ..., eval_loss: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ServerStatus(_message.Message):
+    __slots__ = ("phase", "round", "round_open", "rounds_total", "rounds_completed", "participants", "devices_connected", "devices_known", "deadline_unix", "model_version", "transfers", "last_round", "bytes_down_total", "bytes_up_total", "server_version")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_OPEN_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_KNOWN_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWN_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UP_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    round: int
+    round_open: bool
+    rounds_total: int
+    rounds_completed: int
+    participants: _containers.RepeatedCompositeFieldContainer[Participant]
+    devices_connected: int
+    devices_known: int
+    deadline_unix: float
+    model_version: str
+    transfers: _containers.RepeatedCompositeFieldContainer[TransferProgress]
+    last_round: RoundSummary
+    bytes_down_total: int
+    bytes_up_total: int
+    server_version: str
+    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., round_open: _Optional[bool] = ..., rounds_total: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., devices_connected: _Optional[int] = ..., devices_known: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., model_version: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[TransferProgress, _Mapping]]] = ..., last_round: _Optional[_Union[RoundSummary, _Mapping]] = ..., bytes_down_total: _Optional[int] = ..., bytes_up_total: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...

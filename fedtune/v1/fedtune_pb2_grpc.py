@@ -66,6 +66,11 @@ class FederationStub:
                 request_serializer=fedtune_dot_v1_dot_fedtune__pb2.RoundMetrics.SerializeToString,
                 response_deserializer=fedtune_dot_v1_dot_fedtune__pb2.MetricsAck.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/fedtune.v1.Federation/Status',
+                request_serializer=fedtune_dot_v1_dot_fedtune__pb2.StatusRequest.SerializeToString,
+                response_deserializer=fedtune_dot_v1_dot_fedtune__pb2.ServerStatus.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -110,6 +115,13 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Read-only: round, phase, participants, transfers, last round's figures.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +154,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedtune_dot_v1_dot_fedtune__pb2.RoundMetrics.FromString,
                     response_serializer=fedtune_dot_v1_dot_fedtune__pb2.MetricsAck.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=fedtune_dot_v1_dot_fedtune__pb2.StatusRequest.FromString,
+                    response_serializer=fedtune_dot_v1_dot_fedtune__pb2.ServerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +325,33 @@ class Federation:
             '/fedtune.v1.Federation/ReportMetrics',
             fedtune_dot_v1_dot_fedtune__pb2.RoundMetrics.SerializeToString,
             fedtune_dot_v1_dot_fedtune__pb2.MetricsAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.v1.Federation/Status',
+            fedtune_dot_v1_dot_fedtune__pb2.StatusRequest.SerializeToString,
+            fedtune_dot_v1_dot_fedtune__pb2.ServerStatus.FromString,
             options,
             channel_credentials,
             insecure,
