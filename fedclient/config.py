@@ -23,6 +23,12 @@ class ClientConfig:
     weights_dir: Path | None = field(default=None, metadata=described("local Hugging Face dir for the tokenizer"))
     device: str = field(default="auto", metadata=described("torch device: auto, cpu, cuda, cuda:1"))
     threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)"))
+    # hardware figures (MFU, power)
+    hardware: str = field(default="", metadata=described("peak-table key for MFU, e.g. a100, agx-orin-64gb, "
+                                                          "orin-nx-16gb (empty: detect)"))
+    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table (0: none)"))
+    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none"))
+    power_hz: float = field(default=5.0, metadata=described("power samples per second during local training"))
     # connection
     retry_initial_s: float = field(default=1.0, metadata=described("first reconnect delay"))
     retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)"))
@@ -36,5 +42,12 @@ class ClientConfig:
             raise ValueError(f"partition {self.partition} is not in 0..{self.partitions - 1}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if self.peak_tflops < 0 or self.power_hz <= 0:
+            raise ValueError("need peak_tflops >= 0 and power_hz > 0")
+        if self.hardware:
+            from fedcore.hardware import from_table
+            from_table(self.hardware)  # raises with the known keys
+        if self.power_source not in ("auto", "none", "ina3221", "nvml", "rapl"):
+            raise ValueError(f"power_source must be auto, none, ina3221, nvml or rapl, got {self.power_source!r}")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")

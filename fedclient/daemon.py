@@ -12,7 +12,9 @@ import psutil
 import torch
 
 import fedcore
+from fedcore import hardware, power
 from fedcore.data import Example, dirichlet_partition, load_corpus
+from fedcore.efficiency import NUMERIC_KEYS, figures
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
 from fedcore.wire import ENCODINGS, CODECS, TransferSpec, codec_name, encoding_name
 from fedcore.channel import CHANNEL_OPTIONS
@@ -58,6 +60,7 @@ class Daemon:
         self.session_id = ""
         self._stop = False
         log.info("device %s: %d local examples, torch device %s", self.cfg.device_id, len(self.examples), self.device)
+        self.hardware, self.power_source = probe_hardware(self.cfg, self.device)
 
     # ------------------------------------------------------------ helpers
     def _backoff(self, attempt: int) -> None:
@@ -149,9 +152,15 @@ class Daemon:
                                  learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
                                  max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
                                  seed=tr.seed + _stable_hash(self.cfg.device_id))
-        result = train_local(self.model, self.tokenizer, self.examples, settings, self.device)
-        log.info("round %d: %d steps, %d tokens in %.2f s (%.0f tokens/s), loss %.4f", task.round, result.steps,
-                 result.tokens, result.t_comp_s, result.tokens_per_s, result.mean_loss)
+        meter = power.PowerMeter(self.power_source, hz=self.cfg.power_hz).start()
+        try:
+            result = train_local(self.model, self.tokenizer, self.examples, settings, self.device)
+        finally:
+            reading = meter.stop()
+        hw = figures(result.tokens, result.t_comp_s, result.model_flops, self.hardware.peak_flops, reading)
+        log.info("round %d: %d steps, %d tokens in %.2f s (%.0f tokens/s), loss %.4f; %s", task.round,
+                 result.steps, result.tokens, result.t_comp_s, result.tokens_per_s, result.mean_loss,
+                 describe(hw))
 
         up = task.upload
         spec = TransferSpec(encoding=encoding_name(up.encoding), codec=codec_name(up.codec),
@@ -176,8 +185,31 @@ class Daemon:
             step_times=pb.StepTimes(batch_loading_s=st.batch_loading_s, forward_s=st.forward_s, loss_s=st.loss_s,
                                     backward_s=st.backward_s, optimizer_step_s=st.optimizer_step_s,
                                     steps=st.steps),
-            extra={"tokens_per_s": result.tokens_per_s, "steps": float(result.steps)}), timeout=30)
+            extra={"steps": float(result.steps), **{k: hw[k] for k in NUMERIC_KEYS if hw[k] is not None}},
+            power_source=hw["power_source"] or "", hardware=self.hardware.name), timeout=30)
         self.rounds_done += 1
+
+
+def probe_hardware(cfg: ClientConfig, device: torch.device) -> tuple[hardware.Hardware, power.PowerSource | None]:
+    """This device's peak FLOP/s (config, else detected) and its power source (None: unknown); logged."""
+    cuda_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    threads = cfg.threads or torch.get_num_threads()
+    hw = hardware.resolve(cfg.hardware, cfg.peak_tflops,
+                          detected=hardware.detect(device.type, cuda_name, cpu_threads=threads))
+    source = power.find_source(cfg.power_source, gpu_index=device.index or 0)
+    peak = f"{hw.peak_flops / 1e12:.3g} TFLOP/s" if hw.peak_flops else "unknown"
+    where = f"{source.name} ({source.detail})" if source else "unknown (no INA3221, NVML or RAPL readable)"
+    log.info("hardware %s: peak %s [%s]; power source %s", hw.name, peak, hw.source, where)
+    return hw, source
+
+
+def describe(hw: dict) -> str:
+    """One log-line summary of :func:`fedcore.efficiency.figures`."""
+    def pct(v: float | None) -> str:
+        return "unknown" if v is None else f"{100 * v:.2f}%"
+    power_txt = "power unknown" if hw["power_w"] is None else (
+        f"{hw['power_w']:.1f} W ({hw['power_source']}), {hw['energy_j']:.0f} J, eta_e {hw['eta_e']:.1f} tokens/s/W")
+    return f"MFU {pct(hw['mfu'])}, {power_txt}"
 
 
 def _retie_like(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

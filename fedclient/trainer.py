@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fedcore.batching import IGNORE_INDEX, Batch, EncodedExample, encode_examples, iterate_batches
 from fedcore.data import Example
+from fedcore.flops import T5Shape, training_flops
 
 
 @dataclass
@@ -55,6 +56,11 @@ class TrainResult:
     mean_loss: float
     step_times: StepTimes
     losses: list[float] = field(default_factory=list)  # per step, for learning curves
+    model_flops: float = 0.0  # training FLOPs of the real (unpadded) lengths, fedcore.flops
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.model_flops / self.tokens if self.tokens else 0.0
 
 
 def _batches(encoded: Sequence[EncodedExample], settings: TrainSettings, pad_id: int) -> Iterator[Batch]:
@@ -103,15 +109,17 @@ def train_local(
     times = StepTimes()
     losses: list[float] = []
     samples = tokens = 0
+    model_flops = 0.0
+    shape = T5Shape.from_config(model.config)
     batches = _batches(encoded, settings, pad_id)
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(settings.seed)
         while settings.local_steps <= 0 or times.steps < settings.local_steps:
             t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
+            host_batch = next(batches, None)
+            if host_batch is None:
                 break
-            batch = batch.to(device)
+            batch = host_batch.to(device)
             sync()
             t1 = time.perf_counter()
             decoder_input_ids = model._shift_right(batch.labels)
@@ -141,6 +149,7 @@ def train_local(
             losses.append(float(loss.detach()))
             samples += batch.n_examples
             tokens += batch.n_tokens
+            model_flops += _batch_flops(shape, host_batch)
 
     model.eval()
     del optimizer  # free Adam moments before returning (2x model size)
@@ -155,4 +164,12 @@ def train_local(
         mean_loss=sum(losses) / len(losses) if losses else math.nan,
         step_times=times,
         losses=losses,
+        model_flops=model_flops,
     )
+
+
+def _batch_flops(shape: T5Shape, batch: Batch) -> float:
+    """Model FLOPs of one step: each example at its own lengths (padding is not model work)."""
+    in_lens = batch.attention_mask.sum(dim=1).tolist()
+    tgt_lens = (batch.labels != IGNORE_INDEX).sum(dim=1).tolist()
+    return sum(training_flops(shape, s, t) for s, t in zip(in_lens, tgt_lens))
