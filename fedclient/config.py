@@ -51,3 +51,33 @@ class ClientConfig:
             raise ValueError(f"power_source must be auto, none, ina3221, nvml or rapl, got {self.power_source!r}")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")
+
+
+@dataclass
+class BenchConfig:
+    """`fedclient bench` settings; lengths default to the study's 512 input and 95 target tokens."""
+
+    preset: list[str] = field(default_factory=lambda: ["small"], metadata=described("model presets, comma-separated"))
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata=described("minibatch sizes, comma-separated"))
+    steps: int = field(default=5, metadata=described("timed steps per configuration"))
+    warmup: int = field(default=1, metadata=described("untimed steps before them"))
+    input_tokens: int = field(default=512, metadata=described("input tokens per item"))
+    target_tokens: int = field(default=95, metadata=described("target tokens per item"))
+    device: str = field(default="auto", metadata=described("torch device: auto, cpu, cuda, cuda:1"))
+    threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)"))
+    hardware: str = field(default="", metadata=described("peak-table key for MFU (empty: detect)"))
+    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table"))
+    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none"))
+    power_hz: float = field(default=5.0, metadata=described("power samples per second"))
+    seed: int = field(default=0, metadata=described("seed of the random weights and token ids"))
+
+    def validate(self) -> None:
+        from fedcore.models import PRESETS
+
+        unknown = [p for p in self.preset if p.lower() not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError("batch_sizes must be positive integers")
+        if self.steps < 1 or self.warmup < 0 or self.input_tokens < 1 or self.target_tokens < 1:
+            raise ValueError("need steps >= 1, warmup >= 0 and positive token lengths")
