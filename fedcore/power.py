@@ -59,7 +59,8 @@ class Rail:
     volt_mv: Path | None = None  # hwmon layout: voltage x current
     curr_ma: Path | None = None
 
-    def watts(self) -> float:
+    def read(self) -> float:
+        """Watts now."""
         if self.power_mw is not None:
             return _num(self.power_mw) / 1e3
         assert self.volt_mv is not None and self.curr_ma is not None
@@ -67,17 +68,19 @@ class Rail:
 
 
 @dataclass
-class Ina3221Source:
-    rails: list[Rail]
-    name: str = "ina3221"
-    kind: str = "power"
+class SummedSource:
+    """A reading summed over parts: INA3221 rails (watts) or RAPL domains (joules)."""
+
+    name: str
+    kind: str
+    parts: list[Any]  # each with .label and .read()
 
     @property
     def detail(self) -> str:
-        return "+".join(r.label for r in self.rails)
+        return "+".join(p.label for p in self.parts)
 
     def read(self) -> float:
-        return sum(r.watts() for r in self.rails)
+        return sum(p.read() for p in self.parts)
 
 
 def _hwmon_rails(sysfs: Path) -> list[Rail]:
@@ -108,11 +111,11 @@ def _iio_rails(sysfs: Path) -> list[Rail]:
     return rails
 
 
-def find_ina3221(sysfs: Path = Path("/sys")) -> Ina3221Source | None:
+def find_ina3221(sysfs: Path = Path("/sys")) -> SummedSource | None:
     rails = [r for r in _hwmon_rails(sysfs) or _iio_rails(sysfs) if r.label and r.label.upper() != "NC"]
     inputs = [r for r in rails if r.label.upper() in _INPUT_RAILS]
     chosen = inputs[:1] or rails
-    return Ina3221Source(chosen) if chosen else None
+    return SummedSource("ina3221", "power", chosen) if chosen else None
 
 
 # ---------------------------------------------------------------------- NVML
@@ -155,7 +158,7 @@ class RaplDomain:
     last_raw: float | None = None
     total_uj: float = 0.0
 
-    def advance(self) -> float:
+    def read(self) -> float:
         """Read the counter; joules counted since the first read, across wraparounds."""
         raw = _num(self.energy_uj)
         if self.last_raw is not None:
@@ -167,24 +170,10 @@ class RaplDomain:
         return self.total_uj / 1e6
 
 
-@dataclass
-class RaplSource:
-    domains: list[RaplDomain]
-    name: str = "rapl"
-    kind: str = "energy"
-
-    @property
-    def detail(self) -> str:
-        return "+".join(d.label for d in self.domains)
-
-    def read(self) -> float:
-        return sum(d.advance() for d in self.domains)
-
-
 _TOP_DOMAIN = re.compile(r"^intel-rapl:\d+$")  # packages; intel-rapl:0:0 etc. are parts of them
 
 
-def find_rapl(sysfs: Path = Path("/sys")) -> RaplSource | None:
+def find_rapl(sysfs: Path = Path("/sys")) -> SummedSource | None:
     domains = []
     for d in sorted((sysfs / "class/powercap").glob("intel-rapl:*")):
         if not _TOP_DOMAIN.match(d.name):
@@ -192,14 +181,14 @@ def find_rapl(sysfs: Path = Path("/sys")) -> RaplSource | None:
         try:
             label = (d / "name").read_text().strip() if (d / "name").is_file() else d.name
             dom = RaplDomain(label, d / "energy_uj", _num(d / "max_energy_range_uj"))
-            dom.advance()  # unreadable (e.g. not root on a patched kernel) -> skip
+            dom.read()  # unreadable (e.g. not root on a patched kernel) -> skip
         except (OSError, ValueError) as exc:
             log.debug("RAPL domain %s not usable: %s", d, exc)
             continue
         domains.append(dom)
     psys = [d for d in domains if d.label == "psys"]  # the platform domain contains the packages
     chosen = psys or domains
-    return RaplSource(chosen) if chosen else None
+    return SummedSource("rapl", "energy", chosen) if chosen else None
 
 
 # -------------------------------------------------------------------- choice
