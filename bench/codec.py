@@ -144,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     state_fp32 = sum(4 * t.numel() for t in state.values())
     unique_fp32 = sum(4 * e.tensor.numel() for e in entries)
     tied = {e.name: e.aliases for e in entries if e.aliases}
-    digest = state_digest(entries)
 
     def table(what: dict[str, torch.Tensor], label: str) -> list[Row]:
         out: list[Row] = []
