@@ -25,6 +25,12 @@ class ClientConfig:
     weights_dir: Path | None = field(default=None, metadata=described("local Hugging Face dir for the tokenizer"))
     device: str = field(default="auto", metadata=described("torch device: auto, cpu, cuda, cuda:1"))
     threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)"))
+    # hardware figures (MFU, power)
+    hardware: str = field(default="", metadata=described("peak-table key for MFU, e.g. a100, agx-orin-64gb, "
+                                                          "orin-nx-16gb (empty: detect)"))
+    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table (0: none)"))
+    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none"))
+    power_hz: float = field(default=5.0, metadata=described("power samples per second during local training"))
     # connection
     retry_initial_s: float = field(default=1.0, metadata=described("first reconnect delay"))
     retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)"))
@@ -57,8 +63,45 @@ class ClientConfig:
             raise ValueError(f"partition {self.partition} is not in 0..{self.partitions - 1}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if self.peak_tflops < 0 or self.power_hz <= 0:
+            raise ValueError("need peak_tflops >= 0 and power_hz > 0")
+        if self.hardware:
+            from fedcore.hardware import from_table
+            from_table(self.hardware)  # raises with the known keys
+        if self.power_source not in ("auto", "none", "ina3221", "nvml", "rapl"):
+            raise ValueError(f"power_source must be auto, none, ina3221, nvml or rapl, got {self.power_source!r}")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")
         if self.metrics_listen:
             split_listen(self.metrics_listen)
         self.security().validate()
+
+
+@dataclass
+class BenchConfig:
+    """`fedclient bench` settings; lengths default to the study's 512 input and 95 target tokens."""
+
+    preset: list[str] = field(default_factory=lambda: ["small"], metadata=described("model presets, comma-separated"))
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata=described("minibatch sizes, comma-separated"))
+    steps: int = field(default=5, metadata=described("timed steps per configuration"))
+    warmup: int = field(default=1, metadata=described("untimed steps before them"))
+    input_tokens: int = field(default=512, metadata=described("input tokens per item"))
+    target_tokens: int = field(default=95, metadata=described("target tokens per item"))
+    device: str = field(default="auto", metadata=described("torch device: auto, cpu, cuda, cuda:1"))
+    threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)"))
+    hardware: str = field(default="", metadata=described("peak-table key for MFU (empty: detect)"))
+    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table"))
+    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none"))
+    power_hz: float = field(default=5.0, metadata=described("power samples per second"))
+    seed: int = field(default=0, metadata=described("seed of the random weights and token ids"))
+
+    def validate(self) -> None:
+        from fedcore.models import PRESETS
+
+        unknown = [p for p in self.preset if p.lower() not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError("batch_sizes must be positive integers")
+        if self.steps < 1 or self.warmup < 0 or self.input_tokens < 1 or self.target_tokens < 1:
+            raise ValueError("need steps >= 1, warmup >= 0 and positive token lengths")

@@ -12,8 +12,10 @@ import psutil
 import torch
 
 import fedcore
+from fedcore import hardware, power
 from fedcore.data import Example, dirichlet_partition, load_corpus
 from fedcore.metrics import MetricsServer, serve_metrics
+from fedcore.efficiency import NUMERIC_KEYS, figures
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
 from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, codec_name, encoding_name, subtract,
                           unique_tensors)
@@ -71,6 +73,7 @@ class Daemon:
         self._ready = False
         self._metrics: MetricsServer | None = None
         log.info("device %s: %d local examples, torch device %s", self.cfg.device_id, len(self.examples), self.device)
+        self.hardware, self.power_source = probe_hardware(self.cfg, self.device)
 
     # ------------------------------------------------------------ helpers
     def _backoff(self, attempt: int) -> None:
@@ -213,9 +216,15 @@ class Daemon:
                                  max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
                                  seed=tr.seed + _stable_hash(self.cfg.device_id))
         self.phase = f"round {task.round}: training"
-        result = train_local(self.model, self.tokenizer, self.examples, settings, self.device)
-        log.info("round %d: %d steps, %d tokens in %.2f s (%.0f tokens/s), loss %.4f", task.round, result.steps,
-                 result.tokens, result.t_comp_s, result.tokens_per_s, result.mean_loss)
+        meter = power.PowerMeter(self.power_source, hz=self.cfg.power_hz).start()
+        try:
+            result = train_local(self.model, self.tokenizer, self.examples, settings, self.device)
+        finally:
+            reading = meter.stop()
+        hw = figures(result.tokens, result.t_comp_s, result.model_flops, self.hardware.peak_flops, reading)
+        log.info("round %d: %d steps, %d tokens in %.2f s (%.0f tokens/s), loss %.4f; %s", task.round,
+                 result.steps, result.tokens, result.t_comp_s, result.tokens_per_s, result.mean_loss,
+                 describe(hw))
 
         up = task.upload
         spec = TransferSpec(encoding=encoding_name(up.encoding), codec=codec_name(up.codec),
@@ -250,6 +259,7 @@ class Daemon:
         if link_down_bps > 0:
             extra["link_down_bps"] = link_down_bps
 
+        extra.update({k: hw[k] for k in NUMERIC_KEYS if hw[k] is not None})
         st = result.step_times
         stub.ReportMetrics(pb.RoundMetrics(
             device_id=self.cfg.device_id, session_id=self.session_id, task_id=task.task_id, round=task.round,
@@ -259,12 +269,36 @@ class Daemon:
             step_times=pb.StepTimes(batch_loading_s=st.batch_loading_s, forward_s=st.forward_s, loss_s=st.loss_s,
                                     backward_s=st.backward_s, optimizer_step_s=st.optimizer_step_s,
                                     steps=st.steps),
-            extra=extra), timeout=30)
+            extra=extra,
+            power_source=hw["power_source"] or "", hardware=self.hardware.name), timeout=30)
         self.rounds_done += 1
         self.stats.finish_round({"round": task.round, "t_down_s": t_down, "t_up_s": ustats.seconds,
                                  "t_wait_s": ustats.wait_s, "t_comp_s": result.t_comp_s, "bytes_down": bytes_down,
                                  "bytes_up": ustats.bytes, "extra": dict(extra)})
         self.phase = f"round {task.round} done, waiting for work"
+
+
+def probe_hardware(cfg: ClientConfig, device: torch.device) -> tuple[hardware.Hardware, power.PowerSource | None]:
+    """This device's peak FLOP/s (config, else detected) and its power source (None: unknown); logged."""
+    cuda_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    threads = cfg.threads or torch.get_num_threads()
+    hw = hardware.resolve(cfg.hardware, cfg.peak_tflops,
+                          detected=hardware.detect(device.type, cuda_name, cpu_threads=threads))
+    source = power.find_source(cfg.power_source, gpu_index=device.index or 0)
+    peak = f"{hw.peak_flops / 1e12:.3g} TFLOP/s" if hw.peak_flops else "unknown"
+    where = f"{source.name} ({source.detail})" if source else "unknown (no INA3221, NVML or RAPL readable)"
+    log.info("hardware %s: peak %s [%s]; power source %s", hw.name, peak, hw.source, where)
+    return hw, source
+
+
+def describe(hw: dict) -> str:
+    """One log-line summary of :func:`fedcore.efficiency.figures`."""
+    def pct(v: float | None) -> str:
+        return "unknown" if v is None else f"{100 * v:.2f}%"
+    power_txt = "power unknown" if hw["power_w"] is None else (
+        f"{hw['power_w']:.1f} W ({hw['power_source']}), {hw['energy_j']:.0f} J, eta_e {hw['eta_e']:.1f} tokens/s/W")
+    return f"MFU {pct(hw['mfu'])}, {power_txt}"
+
 
 
 def _stable_hash(text: str) -> int:

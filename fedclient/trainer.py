@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from fedcore.batching import IGNORE_INDEX, Batch, EncodedExample, encode_examples, iterate_batches
 from fedcore.data import Example
+from fedcore.flops import T5Shape, training_flops
 
 
 @dataclass
@@ -55,6 +56,11 @@ class TrainResult:
     mean_loss: float
     step_times: StepTimes
     losses: list[float] = field(default_factory=list)  # per step, for learning curves
+    model_flops: float = 0.0  # training FLOPs of the real (unpadded) lengths, fedcore.flops
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.model_flops / self.tokens if self.tokens else 0.0
 
 
 def _batches(encoded: Sequence[EncodedExample], settings: TrainSettings, pad_id: int) -> Iterator[Batch]:
@@ -84,67 +90,35 @@ def train_local(
         raise ValueError("train_local: need local_epochs > 0 or local_steps > 0")
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-
-    def sync() -> None:
-        # CUDA kernels run asynchronously; without this the timers would
-        # measure kernel launches, not the work.
-        if on_cuda:
-            torch.cuda.synchronize(device)
-
-    sync()
+    synchronize(device)
     t_start = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = encode_examples(tokenizer, examples, settings.max_input_tokens, settings.max_target_tokens)
     model.to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(model, settings)
 
     times = StepTimes()
     losses: list[float] = []
     samples = tokens = 0
+    model_flops = 0.0
+    shape = T5Shape.from_config(model.config)
     batches = _batches(encoded, settings, pad_id)
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(settings.seed)
         while settings.local_steps <= 0 or times.steps < settings.local_steps:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
+            done = timed_step(model, optimizer, batches, device, times)
+            if done is None:
                 break
-            batch = batch.to(device)
-            sync()
-            t1 = time.perf_counter()
-            decoder_input_ids = model._shift_right(batch.labels)
-            # use_cache=False: a training step has no use for the decoder's KV cache.
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           decoder_input_ids=decoder_input_ids, use_cache=False).logits
-            sync()
-            t2 = time.perf_counter()
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch.labels.view(-1),
-                                   ignore_index=IGNORE_INDEX)
-            sync()
-            t3 = time.perf_counter()
-            loss.backward()
-            sync()
-            t4 = time.perf_counter()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync()
-            t5 = time.perf_counter()
-
-            times.batch_loading_s += t1 - t0
-            times.forward_s += t2 - t1
-            times.loss_s += t3 - t2
-            times.backward_s += t4 - t3
-            times.optimizer_step_s += t5 - t4
-            times.steps += 1
-            losses.append(float(loss.detach()))
-            samples += batch.n_examples
-            tokens += batch.n_tokens
+            host_batch, loss = done
+            losses.append(loss)
+            samples += host_batch.n_examples
+            tokens += host_batch.n_tokens
+            model_flops += batch_flops(shape, host_batch)
 
     model.eval()
     del optimizer  # free Adam moments before returning (2x model size)
-    sync()
+    synchronize(device)
     t_comp = time.perf_counter() - t_start
     return TrainResult(
         t_comp_s=t_comp,
@@ -155,4 +129,60 @@ def train_local(
         mean_loss=sum(losses) / len(losses) if losses else math.nan,
         step_times=times,
         losses=losses,
+        model_flops=model_flops,
     )
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA kernels: without this, timers measure kernel launches, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch],
+               device: torch.device, times: StepTimes) -> tuple[Batch, float] | None:
+    """One training step, each phase timed into ``times``; (host batch, loss), or None when out of batches."""
+    t0 = time.perf_counter()
+    host_batch = next(batches, None)
+    if host_batch is None:
+        return None
+    batch = host_batch.to(device)
+    synchronize(device)
+    t1 = time.perf_counter()
+    decoder_input_ids = model._shift_right(batch.labels)
+    # use_cache=False: a training step has no use for the decoder's KV cache.
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   decoder_input_ids=decoder_input_ids, use_cache=False).logits
+    synchronize(device)
+    t2 = time.perf_counter()
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch.labels.view(-1),
+                           ignore_index=IGNORE_INDEX)
+    synchronize(device)
+    t3 = time.perf_counter()
+    loss.backward()
+    synchronize(device)
+    t4 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    synchronize(device)
+    t5 = time.perf_counter()
+
+    times.batch_loading_s += t1 - t0
+    times.forward_s += t2 - t1
+    times.loss_s += t3 - t2
+    times.backward_s += t4 - t3
+    times.optimizer_step_s += t5 - t4
+    times.steps += 1
+    return host_batch, float(loss.detach())
+
+
+def batch_flops(shape: T5Shape, batch: Batch) -> float:
+    """Model FLOPs of one step: each example at its own lengths (padding is not model work)."""
+    in_lens = batch.attention_mask.sum(dim=1).tolist()
+    tgt_lens = (batch.labels != IGNORE_INDEX).sum(dim=1).tolist()
+    return sum(training_flops(shape, s, t) for s, t in zip(in_lens, tgt_lens))

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fedcore.config import to_dict
+from fedcore.efficiency import NUMERIC_KEYS
 from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, StateReceiver, TransferSpec, WireError,
                           apply_delta, codec_name, encoding_name, layout_of, state_digest, subtract,
                           tensor_wire_bytes, unique_tensors)
@@ -33,6 +34,9 @@ from .storage import CheckpointDir, RoundLog, write_json_atomic
 from .strategy import RunningMean, ServerStrategy
 from .transfers import TransferBoard
 from .versions import DeltaHistory, DeltaStep
+
+# tokens_per_s is computed here from tokens and t_comp_s; the rest only the device can know.
+HARDWARE_KEYS = tuple(k for k in NUMERIC_KEYS if k != "tokens_per_s")
 
 log = logging.getLogger("fedserver.rounds")
 
@@ -694,6 +698,12 @@ class Coordinator:
                 rec["t_comm_s"] = m["t_down_s"] + m["t_up_s"] + m["t_wait_s"]
                 rec["tokens_per_s"] = m["tokens"] / m["t_comp_s"] if m["t_comp_s"] > 0 else 0.0
                 rec["g"] = m["t_comp_s"] / rec["t_comm_s"] if rec["t_comm_s"] > 0 else None
+                # Hardware figures (fedcore.efficiency): what the device did not know is null, never 0.
+                extra = m.get("extra") or {}
+                for k in HARDWARE_KEYS:
+                    rec[k] = extra.get(k)
+                rec["power_source"] = m.get("power_source") or None
+                rec["hardware"] = m.get("hardware") or None
             self.round_log.append(rec)
             records.append(rec)
         return records

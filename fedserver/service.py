@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -172,6 +173,15 @@ class FederationService(pbg.FederationServicer):
             v = getattr(request, name)
             if not 0 <= v < 1e7:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}={v} is not a duration in seconds")
+        for key, v in request.extra.items():
+            if not (len(key) <= 64 and math.isfinite(v) and 0 <= v < 1e30):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"extra[{key[:64]!r}]={v} is not a finite, non-negative figure")
+        for name, limit in (("power_source", 32), ("hardware", 128)):
+            text = getattr(request, name)
+            if len(text) > limit or not text.isprintable():
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{name} must be printable text of at most {limit} characters")
         st = request.step_times
         m = {
             "round": request.round, "task_id": request.task_id, "t_down_s": request.t_down_s,
@@ -181,7 +191,7 @@ class FederationService(pbg.FederationServicer):
             "step_times": {"batch_loading_s": st.batch_loading_s, "forward_s": st.forward_s, "loss_s": st.loss_s,
                            "backward_s": st.backward_s, "optimizer_step_s": st.optimizer_step_s,
                            "steps": st.steps},
-            "extra": dict(request.extra),
+            "extra": dict(request.extra), "power_source": request.power_source, "hardware": request.hardware,
         }
         try:
             self.coord.report_metrics(request.device_id, request.session_id, m)

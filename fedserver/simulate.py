@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedcore.config import described, to_dict
+from fedcore.hwreport import efficiency_lines
 
 from .config import ServerConfig
 
@@ -255,8 +256,14 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     summaries = _read_summaries(out / "summary.json")
     for s in summaries[printed:]:
         echo(table_row(s))
-    echo(f"simulate: {cfg.rounds} rounds in {time.monotonic() - t0:.0f} s; wrote {out / 'rounds.jsonl'} and "
-         f"{out / 'summary.json'}")
+    elapsed = time.monotonic() - t0
+    from .storage import RoundLog  # imports torch; keep `simulate --help` fast
+
+    echo("")
+    for line in efficiency_lines(RoundLog(out / "rounds.jsonl").read(), cfg.preset, cfg.batch_size, by="hardware"):
+        echo(line)
+    echo(f"simulate: {cfg.rounds} rounds in {elapsed:.0f} s; wrote {out / 'rounds.jsonl'} (per device: tokens/s, "
+         f"MFU, power, ...) and {out / 'summary.json'}")
     return 0
 
 

@@ -252,6 +252,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(report.rows_as_dicts(rows), indent=2))
     else:
         print(report.render(rows))
+        print(report.efficiency_sections(args.runs))
     return 0
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from fedcore.hwreport import efficiency_lines
+
 # Woisetschläger et al. 2023, Table 1 (LTE 40/15 Mbit/s; computation per 100K tokens).
 # The Large row's up/down are swapped in the source; listed here corrected.
 STUDY_TABLE1: dict[str, dict[str, float]] = {
@@ -59,13 +61,20 @@ class Row:
         return s["comp_orin"] / self.t_comm_s if s and self.t_comm_s else float("nan")
 
 
-def load_run(run_dir: Path) -> Row:
+def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """summary.json and the rounds.jsonl records of a run directory."""
     run_dir = Path(run_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
     except FileNotFoundError as exc:
         raise ValueError(f"{run_dir} is not a run directory: {exc.filename} is missing") from None
+    return summary, records
+
+
+def load_run(run_dir: Path) -> Row:
+    run_dir = Path(run_dir)
+    summary, records = read_run(run_dir)
     cfg = summary.get("config", {})
     got = [r for r in records if r.get("status") == "aggregated" and "t_comp_s" in r]
     if not got:
@@ -123,8 +132,21 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def efficiency_sections(run_dirs: list[Path]) -> str:
+    """Each run's per-device hardware efficiency, next to the study's Tables 2-3."""
+    parts = []
+    for d in run_dirs:
+        summary, records = read_run(Path(d))
+        cfg = summary.get("config", {})
+        lines = efficiency_lines(records, cfg.get("preset"), cfg.get("batch_size"))
+        if lines:
+            parts.append(f"\n{Path(d).name}: " + "\n".join(lines))
+    return "\n".join(parts)
+
+
 def report(run_dirs: list[Path]) -> str:
-    return render([load_run(Path(d)) for d in run_dirs])
+    """Table 1, then the hardware efficiency of each run."""
+    return render([load_run(Path(d)) for d in run_dirs]) + "\n" + efficiency_sections(run_dirs)
 
 
 def rows_as_dicts(rows: list[Row]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -23,7 +24,9 @@ def _need_namespaces():
 
 
 def test_one_tiny_round_through_a_two_device_topology(tmp_path):
-    before = set(list_namespaces())
+    # Only this process's namespaces: other test runs on the machine may have theirs up.
+    ours = lambda: {ns for ns in list_namespaces() if ns.startswith(f"fdt-{os.getpid()}-")}  # noqa: E731
+    before = ours()
     cfg = SimulateConfig(out=tmp_path / "run", preset="tiny", rounds=1, devices=2, devices_per_round=2,
                          local_steps=1, batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=40,
                          eval_size=4, round_deadline_s=300, link="lte,custom:down=20,up=10")
@@ -38,4 +41,4 @@ def test_one_tiny_round_through_a_two_device_topology(tmp_path):
         # acknowledged once every byte crossed the device's uplink.
         assert rec["t_up_s"] + rec["t_wait_s"] >= 0.9 * rec["bytes_up"] * 8 / (up_mbit * 1e6)
         assert rec["t_down_s"] >= 0.9 * rec["bytes_down"] * 8 / (down_mbit * 1e6)
-    assert set(list_namespaces()) == before, "the topology left namespaces behind"
+    assert ours() == before, "the topology left namespaces behind"

@@ -34,8 +34,16 @@ def test_two_rounds_aggregate_the_sampled_updates_exactly(tmp_path):
         assert len(recs) == 2 and all(r["status"] == "aggregated" for r in recs)
         for r in recs:
             for key in ("t_comp_s", "t_down_s", "t_up_s", "t_wait_s", "t_comm_s", "bytes_down", "bytes_up",
-                        "tokens", "tokens_per_s", "g"):
+                        "tokens", "tokens_per_s", "g", "flops_per_token", "peak_flops", "mfu", "power_w",
+                        "energy_j", "eta_e", "power_source"):
                 assert key in r, key
+            # Unknown power is null, never 0; a known one comes with its source, energy and efficiency.
+            known = r["power_source"] is not None
+            assert all((r[k] is not None) == known for k in ("power_w", "energy_j", "eta_e")), r
+            if r["peak_flops"] is not None:
+                assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / r["peak_flops"],
+                                                 rel=1e-3)
+            assert r["flops_per_token"] > 0 and r["hardware"]
         # The new global model must be the sample-weighted mean of exactly the sampled devices' uploads.
         files = sorted((out / "updates" / f"round-{rnd:06d}").glob("*.safetensors"))
         assert sorted(f.stem for f in files) == sorted(r["client"] for r in recs)
@@ -123,6 +131,10 @@ def test_upload_out_of_turn_and_bad_ids_get_clear_statuses(tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             stub.Upload(iter([pb.UploadMessage(chunk=pb.Chunk(tensor="x"))]))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ReportMetrics(pb.RoundMetrics(device_id="d1", session_id=j.session_id, task_id=task.task_id,
+                                               round=1, extra={"mfu": float("nan")}))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mfu" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:
             list(stub.Download(pb.DownloadRequest(device_id="d1", session_id=j.session_id,
                                                   model_version="sha256:0")))

@@ -107,13 +107,14 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
 
     port = free_port()
     # poll_seconds bounds how long the finished server waits for a device that never polls again.
-    cfg = tiny_server_config(tmp_path / "srv", listen=f"127.0.0.1:{port}", poll_seconds=20)
+    # Enough local steps that the round stays open for a few Status polls even on an idle machine.
+    cfg = tiny_server_config(tmp_path / "srv", listen=f"127.0.0.1:{port}", poll_seconds=20, local_steps=120)
     write_toml(tmp_path / "server.toml", to_dict(cfg))
     log = tmp_path / "server.log"
     server = subprocess.Popen([sys.executable, "-m", "fedserver", "run", "--config", str(tmp_path / "server.toml")],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
     fleet = fleet_of(cfg)
-    daemon = start_daemon(f"127.0.0.1:{port}", "dev-a", tmp_path / "a.log", fleet=fleet)
+    daemon = None
     # The operator asks for status and health; the silent device joins with its own certificate.
     channel = open_channel(f"127.0.0.1:{port}", fleet.admin_security())
     silent_channel = open_channel(f"127.0.0.1:{port}", fleet.security("silent"))
@@ -130,6 +131,9 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
                 time.sleep(0.5)
                 continue
             seen.append((st.phase, health_pb2.HealthCheckResponse.ServingStatus.Name(h.status)))
+            if daemon is None:
+                # Only now: a run that finished before the first poll would show nothing.
+                daemon = start_daemon(f"127.0.0.1:{port}", "dev-a", tmp_path / "a.log", fleet=fleet)
             if st.round_open and not joined_silent:
                 # A second device joins once dev-a holds the round's only task, then never polls:
                 # the finished server waits a poll period for it before exiting.
@@ -139,10 +143,12 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
             if seen[-1] == ("finished", "NOT_SERVING"):
                 break
             time.sleep(0.2)
-        assert ("training", "SERVING") in seen, seen
+        # A tiny round can open and close between two polls, so which busy phase was seen varies;
+        # what matters is SERVING while the run is live and NOT_SERVING once it is finished.
+        assert any(h == "SERVING" and phase != "finished" for phase, h in seen), seen
         assert seen[-1] == ("finished", "NOT_SERVING"), (seen, log.read_text()[-2000:])
         assert server.wait(600) == 0, log.read_text()[-2000:]
     finally:
         channel.close()
         silent_channel.close()
-        stop([daemon, server])
+        stop([p for p in (daemon, server) if p is not None])

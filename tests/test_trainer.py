@@ -74,3 +74,18 @@ def test_loss_decreases_on_repeated_batch(tok) -> None:
 def test_rejects_empty_input(tok) -> None:
     with pytest.raises(ValueError, match="no training examples"):
         train_local(build_model("tiny"), tok, [], TrainSettings(), CPU)
+
+
+def test_model_flops_count_each_example_at_its_own_lengths(tok) -> None:
+    from fedcore.batching import encode_examples
+    from fedcore.flops import T5Shape, training_flops
+
+    model = build_model("tiny", seed=0)
+    examples = synthetic_corpus(6, seed=4)
+    settings = TrainSettings(local_epochs=1, batch_size=4, max_input_tokens=64, max_target_tokens=24)
+    res = train_local(model, tok, examples, settings, CPU)
+    shape = T5Shape.from_config(model.config)
+    encoded = encode_examples(tok, examples, 64, 24)
+    assert res.model_flops == pytest.approx(sum(training_flops(shape, len(e.input_ids), len(e.labels))
+                                                for e in encoded))
+    assert res.flops_per_token == pytest.approx(res.model_flops / res.tokens)

@@ -339,7 +339,7 @@ class StepTimes(_message.Message):
     def __init__(self, batch_loading_s: _Optional[float] = ..., forward_s: _Optional[float] = ..., loss_s: _Optional[float] = ..., backward_s: _Optional[float] = ..., optimizer_step_s: _Optional[float] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class RoundMetrics(_message.Message):
-    __slots__ = ("device_id", "session_id", "task_id", "round", "t_down_s", "t_up_s", "t_wait_s", "t_comp_s", "bytes_down", "bytes_up", "tokens", "train_loss", "step_times", "num_samples", "download_cached", "extra")
+    __slots__ = ("device_id", "session_id", "task_id", "round", "t_down_s", "t_up_s", "t_wait_s", "t_comp_s", "bytes_down", "bytes_up", "tokens", "train_loss", "step_times", "num_samples", "download_cached", "extra", "power_source", "hardware")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -363,6 +363,8 @@ class RoundMetrics(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DOWNLOAD_CACHED_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    POWER_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    HARDWARE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     session_id: str
     task_id: str
@@ -379,7 +381,9 @@ class RoundMetrics(_message.Message):
     num_samples: int
     download_cached: bool
     extra: _containers.ScalarMap[str, float]
-    def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., t_down_s: _Optional[float] = ..., t_up_s: _Optional[float] = ..., t_wait_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., step_times: _Optional[_Union[StepTimes, _Mapping]] = ..., num_samples: _Optional[int] = ..., download_cached: _Optional[bool] = ..., extra: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    power_source: str
+    hardware: str
+    def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., t_down_s: _Optional[float] = ..., t_up_s: _Optional[float] = ..., t_wait_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., step_times: _Optional[_Union[StepTimes, _Mapping]] = ..., num_samples: _Optional[int] = ..., download_cached: _Optional[bool] = ..., extra: _Optional[_Mapping[str, float]] = ..., power_source: _Optional[str] = ..., hardware: _Optional[str] = ...) -> None: ...
 
 class MetricsAck(_message.Message):
     __slots__ = ()
