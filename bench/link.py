@@ -22,15 +22,15 @@ SERVER_PORT = 50051
 
 def device_main(args: argparse.Namespace) -> int:
     """Inside the device namespace: join, take the task, download, upload, print JSON."""
-    import grpc
-
     from fedclient.transfer import download, upload
+    from fedcore.channel import ClientSecurity, open_channel
     from fedcore.wire import TransferSpec
-    from fedcore.channel import CHANNEL_OPTIONS
     from fedtune.v1 import fedtune_pb2 as pb
     from fedtune.v1 import fedtune_pb2_grpc as pbg
 
-    channel = grpc.insecure_channel(args.server, options=CHANNEL_OPTIONS)
+    certs = Path(args.certs)
+    channel = open_channel(args.server, ClientSecurity(certs / "ca.pem", certs / "devices" / "bench-link.pem",
+                                                      certs / "devices" / "bench-link.key"))
     stub = pbg.FederationStub(channel)
     j = stub.Join(pb.JoinRequest(device_id="bench-link", num_samples=1), timeout=300, wait_for_ready=True)
     task = stub.GetTask(pb.TaskRequest(device_id="bench-link", session_id=j.session_id), timeout=300)
@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--device", action="store_true", help=argparse.SUPPRESS)  # internal: the device side
     ap.add_argument("--server", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--certs", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device:
         return device_main(args)
 
+    from fedserver.certs import write_fleet
     from netem.measure import measure_tcp
     from netem.profiles import parse_profile
     from netem.topology import Topology, require_namespaces
@@ -73,17 +75,20 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp, Topology([profile]) as topo:
         dev = topo.devices[0]
+        fleet = write_fleet(Path(tmp) / "certs", ["bench-link"], [topo.server_ip])
         server_argv = [py, "-m", "fedserver", "run", "--listen", f"0.0.0.0:{SERVER_PORT}", "--out", tmp,
                        "--preset", args.preset, "--rounds", "1", "--devices-per-round", "1", "--eval-size", "0",
                        "--download-encoding", args.encoding, "--download-codec", args.codec,
                        "--upload-encoding", args.encoding, "--upload-codec", args.codec, "--poll-seconds", "2",
-                       "--checkpoint-keep", "1"]
+                       "--checkpoint-keep", "1", "--tls-cert", str(fleet.server_cert), "--tls-key",
+                       str(fleet.server_key), "--tls-ca", str(fleet.ca_cert)]
         log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen(topo.exec_argv(topo.server_ns, server_argv), stdout=log, stderr=subprocess.STDOUT)
         try:
             device = subprocess.run(
                 topo.exec_argv(dev.ns, [py, "-m", "bench.link", "--device", "--server",
-                                        f"{topo.server_ip}:{SERVER_PORT}", "--encoding", args.encoding,
+                                        f"{topo.server_ip}:{SERVER_PORT}", "--certs", str(fleet.out),
+                                        "--encoding", args.encoding,
                                         "--codec", args.codec]),
                 capture_output=True, text=True)
             if device.returncode != 0:

@@ -18,12 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
-
+from fedcore.channel import ClientSecurity, open_channel
 from fedcore.wire import TransferSpec
 from fedserver.app import build_coordinator
+from fedserver.certs import write_fleet
 from fedserver.config import ServerConfig
-from fedcore.channel import CHANNEL_OPTIONS
 from fedserver.service import make_server
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -48,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
 
     with tempfile.TemporaryDirectory() as tmp:
+        fleet = write_fleet(Path(tmp) / "certs", ["bench"])
         cfg = ServerConfig(listen="127.0.0.1:0", out=Path(tmp), preset=args.preset, rounds=len(encodings),
                            devices_per_round=1, eval_size=0, poll_seconds=5, chunk_elems=args.chunk_elems,
-                           checkpoint_keep=1, download_codec=args.codec, upload_codec=args.codec)
+                           checkpoint_keep=1, download_codec=args.codec, upload_codec=args.codec,
+                           max_message_bytes=max(16 << 20, args.chunk_elems * 4 + (1 << 20)),
+                           max_chunk_elems=max(1 << 20, args.chunk_elems), **fleet.server_settings())
         coord = build_coordinator(cfg)
         server, port, _ = make_server(coord, "127.0.0.1:0", 8)
         server.start()
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         loop.start()
         rows = []
         try:
-            channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+            cert, key = fleet.device("bench")
+            channel = open_channel(f"127.0.0.1:{port}", ClientSecurity(fleet.ca_cert, cert, key))
             stub = pbg.FederationStub(channel)
             j = stub.Join(pb.JoinRequest(device_id="bench", num_samples=1))
             for enc in encodings:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"preset": args.preset, "rows": rows}, indent=2))
         return 0
-    print(f"preset {args.preset}, loopback, chunk {args.chunk_elems} elements; MB/s of wire bytes "
+    print(f"preset {args.preset}, loopback with mutual TLS, chunk {args.chunk_elems} elements; MB/s of wire bytes "
           f"(upload includes server verification and aggregation)")
     head = (f"{'encoding':>8} {'codec':>5} {'wire MB':>8} {'down MB/s':>10} {'TCP MB/s':>9} {'ratio':>6} "
             f"{'up MB/s':>8} {'TCP MB/s':>9} {'ratio':>6}")

@@ -5,6 +5,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedcore.channel import ClientSecurity
 from fedcore.config import described
 from fedcore.metrics import split_listen
 
@@ -35,8 +36,23 @@ class ClientConfig:
     retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)"))
     transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload"))
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
-    metrics_listen: str = field(default="", metadata=described("host:port for Prometheus /metrics "
-                                                              "(e.g. 127.0.0.1:9465; empty: off)"))
+    # security: TLS unless insecure is set explicitly
+    tls_ca: Path | None = field(default=None, metadata=described("CA that signed the server certificate (PEM; "
+                                                             "default: the system's roots)"))
+    tls_cert: Path | None = field(default=None, metadata=described("this device's certificate (PEM) for mutual TLS"))
+    tls_key: Path | None = field(default=None, metadata=described("this device's private key (PEM)"))
+    enrollment_token: str = field(default="", metadata=described("token the server maps to this device "
+                                                             "(TLS without client certificates)"))
+    tls_server_name: str = field(default="", metadata=described("name to check the server certificate against "
+                                                            "(default: the host in server)"))
+    insecure: bool = field(default=False, metadata=described("plaintext gRPC, no TLS (the server must say insecure too)"))
+
+    def security(self) -> ClientSecurity:
+        return ClientSecurity(self.tls_ca, self.tls_cert, self.tls_key, self.enrollment_token, self.tls_server_name,
+                              self.insecure)
+    metrics_listen: str = field(default="", metadata=described(
+        "host:port for Prometheus /metrics, plain HTTP: localhost or a management network only "
+        "(e.g. 127.0.0.1:9465; empty: off)"))
     state_dir: Path | None = field(default=None, metadata=described(
         "directory for state kept across restarts (the error-feedback residual); unset: kept in memory only"))
 
@@ -58,6 +74,7 @@ class ClientConfig:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")
         if self.metrics_listen:
             split_listen(self.metrics_listen)
+        self.security().validate()
 
 
 @dataclass

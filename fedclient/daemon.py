@@ -19,7 +19,7 @@ from fedcore.efficiency import NUMERIC_KEYS, figures
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
 from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, codec_name, encoding_name, subtract,
                           unique_tensors)
-from fedcore.channel import CHANNEL_OPTIONS
+from fedcore.channel import open_channel
 from fedcore.sdnotify import Notifier, Watchdog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -123,7 +123,7 @@ class Daemon:
         attempt = 0
         while not self._stop:
             try:
-                with grpc.insecure_channel(self.cfg.server, options=CHANNEL_OPTIONS) as channel:
+                with open_channel(self.cfg.server, self.cfg.security()) as channel:
                     stub = pbg.FederationStub(channel)
                     self._join(stub)
                     attempt = 0
@@ -141,8 +141,12 @@ class Daemon:
                     log.error("server refused this device: %s: %s", code.name, exc.details())  # type: ignore
                     return 2
                 attempt += 1
-                log.warning("server %s unreachable or lost (%s: %s); retry %d", self.cfg.server, code.name,
-                            exc.details(), attempt)  # type: ignore[attr-defined]
+                # A refused TLS handshake also looks like UNAVAILABLE from here.
+                hint = "" if self.cfg.insecure or attempt < 3 else (
+                    " (if the server is up: check tls_ca, tls_cert and tls_key, and that the server certificate "
+                    "names the host dialed)")
+                log.warning("server %s unreachable or lost (%s: %s); retry %d%s", self.cfg.server, code.name,
+                            exc.details(), attempt, hint)  # type: ignore[attr-defined]
                 self._backoff(attempt)
         return 0
 

@@ -1,5 +1,18 @@
-"""gRPC channel options both ends must agree on: message size limits and keepalives."""
+"""gRPC channels to the server: the one place a client side (daemon, benches, tests, admin tools) dials from.
+
+Both ends must agree on message size limits and keepalives; every channel is
+TLS (with a client certificate for mutual TLS, or an enrollment token in
+TLS-only setups) unless plaintext is asked for explicitly.
+"""
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger("fedcore.channel")
 
 # A chunk of 2^24 fp32 elements plus framing; anything larger is refused by gRPC itself.
 MAX_MESSAGE_BYTES = 80 << 20
@@ -14,3 +27,50 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+# The metadata key an enrollment token travels in (gRPC's standard bearer form).
+TOKEN_METADATA = "authorization"
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client proves who it is and checks the server: paths to PEM files."""
+    tls_ca: Path | None = None      # CA that signed the server certificate (None: the system roots)
+    tls_cert: Path | None = None    # this client's certificate, for mutual TLS
+    tls_key: Path | None = None
+    enrollment_token: str = ""      # TLS-only servers map it to a device id
+    tls_server_name: str = ""       # check the server certificate for this name instead of the dialed host
+    insecure: bool = False          # plaintext: only when asked for
+
+    def validate(self) -> None:
+        if self.insecure:
+            return
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"{name} {p} does not exist")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(p: Path | None) -> bytes | None:
+            return Path(p).read_bytes() if p is not None else None
+
+        creds = grpc.ssl_channel_credentials(root_certificates=read(self.tls_ca), private_key=read(self.tls_key),
+                                             certificate_chain=read(self.tls_cert))
+        if self.enrollment_token:
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(
+                self.enrollment_token))
+        return creds
+
+
+def open_channel(target: str, security: ClientSecurity, options: list[tuple[str, object]] | None = None
+                 ) -> grpc.Channel:
+    """A channel to target: TLS (mutual when a client certificate is given), plaintext only if insecure."""
+    opts = list(CHANNEL_OPTIONS if options is None else options)
+    if security.insecure:
+        return grpc.insecure_channel(target, options=opts)
+    security.validate()
+    if security.tls_server_name:
+        opts.append(("grpc.ssl_target_name_override", security.tls_server_name))
+    return grpc.secure_channel(target, security.credentials(), options=opts)

@@ -10,6 +10,7 @@ from fedcore import logs
 
 from .config import ServerConfig
 from .simulate import SimulateConfig
+from .status import StatusConfig
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -23,8 +24,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                                           "per-round table")
     sim.add_argument("--config", type=Path, default=None, help="TOML file with simulate settings")
     cfgmod.add_arguments(sim, SimulateConfig)
-    st = sub.add_parser("status", help="ask a running server for its round, participants, transfers and last G")
-    st.add_argument("--server", default="127.0.0.1:50051", help="server address host:port (default: %(default)s)")
+    certs = sub.add_parser("certs", help="create a CA, a server certificate and per-device client certificates "
+                                         "for mutual TLS")
+    certs.add_argument("--out", type=Path, required=True, help="directory to write them to (keys get mode 0600)")
+    certs.add_argument("--devices", required=True, help="comma-separated device ids, e.g. orin-01,orin-02")
+    certs.add_argument("--server-names", default="localhost,127.0.0.1",
+                       help="comma-separated host names and IP addresses the devices dial the server by "
+                            "(default: localhost,127.0.0.1)")
+    certs.add_argument("--admins", default="admin", help="comma-separated operator names (certificates that may "
+                                                         "call status RPCs but never act for a device)")
+    st = sub.add_parser("status", help="ask a running server for its round, participants, transfers and last G "
+                                       "(as an operator: an admin certificate from `fedserver certs`)")
+    st.add_argument("--config", type=Path, default=None, help="TOML file with status settings (server, tls_*)")
+    cfgmod.add_arguments(st, StatusConfig)
     st.add_argument("--json", action="store_true", help="print the status message as JSON")
     st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
     rpt = sub.add_parser("report", help="tables and PNG plots of a finished or running run directory")
@@ -54,23 +66,47 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate.run(cfg)
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .certs import write_fleet
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    names = [n.strip() for n in args.server_names.split(",") if n.strip()]
+    admins = [a.strip() for a in args.admins.split(",") if a.strip()]
+    fleet = write_fleet(args.out, devices, names, admins)
+    out = fleet.out
+    print(f"CA          {fleet.ca_cert}  (key {out / 'ca.key'}: keep it offline)")
+    print(f"server      {fleet.server_cert}, {fleet.server_key}  for {', '.join(names)}")
+    for a in admins:
+        print(f"admin       {out / (a + '.pem')}, {out / (a + '.key')}")
+    first = devices[0]
+    print(f"devices     {len(devices)} in {out / 'devices'}: <id>.pem, <id>.key (fedtune://device/<id>)")
+    print(f"tokens      {fleet.tokens}  (only for TLS without client certificates)")
+    print("\nserver.toml:")
+    print(f'  tls_cert = "{fleet.server_cert}"\n  tls_key = "{fleet.server_key}"\n  tls_ca = "{fleet.ca_cert}"')
+    print(f"device.toml ({first}):")
+    c, k = fleet.device(first)
+    print(f'  device_id = "{first}"\n  tls_ca = "{fleet.ca_cert}"\n  tls_cert = "{c}"\n  tls_key = "{k}"')
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
     from .status import fetch_status, render_status
 
+    cfg = cfgmod.resolve(StatusConfig, args, args.config)
     try:
-        msg = fetch_status(args.server, args.timeout)
+        msg = fetch_status(cfg.server, cfg.security(), args.timeout)
     except grpc.RpcError as exc:
         code = exc.code()  # type: ignore[attr-defined]
-        print(f"fedserver status: {args.server}: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore
+        print(f"fedserver status: {cfg.server}: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore
         return 1
     if args.json:
         from google.protobuf.json_format import MessageToJson
 
         print(MessageToJson(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
     else:
-        print(render_status(msg, args.server))
+        print(render_status(msg, cfg.server))
     return 0
 
 
@@ -81,7 +117,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "simulate": cmd_simulate, "status": cmd_status, "report": cmd_report}
+COMMANDS = {"run": cmd_run, "simulate": cmd_simulate, "certs": cmd_certs, "status": cmd_status,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,8 +82,34 @@ class ServerConfig:
     checkpoint_keep: int = field(default=3, metadata=described("checkpoints kept on disk"))
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
     threads: int = field(default=0, metadata=described("torch threads (0: torch's default)"))
-    metrics_listen: str = field(default="", metadata=described("host:port for Prometheus /metrics "
-                                                              "(e.g. 127.0.0.1:9464; empty: off)"))
+    # security: TLS on every connection unless insecure is set explicitly
+    tls_cert: Path | None = field(default=None, metadata=described("server certificate (PEM; `fedserver certs` makes one)"))
+    tls_key: Path | None = field(default=None, metadata=described("server private key (PEM)"))
+    tls_ca: Path | None = field(default=None, metadata=described("CA of the client certificates: mutual TLS, a device is "
+                                                             "who its certificate says"))
+    enrollment_tokens: Path | None = field(default=None, metadata=described("TLS without tls_ca: file of 'device_id token' "
+                                                                        "lines mapping tokens to devices"))
+    revoked: Path | None = field(default=None, metadata=described("file of revoked device ids or certificate serials "
+                                                              "(hex), one a line; re-read when it changes"))
+    insecure: bool = field(default=False, metadata=described("serve plaintext gRPC without TLS or identities "
+                                                         "(loopback experiments only)"))
+    # limits on what a device may send
+    rate_limit_rps: float = field(default=50.0, metadata=described("requests per second per device (0: no limit)"))
+    rate_limit_burst: int = field(default=200, metadata=described("requests a device may send at once above the rate"))
+    max_streams_per_device: int = field(default=4, metadata=described("concurrent Download/Upload streams per device"))
+    max_message_bytes: int = field(default=16 << 20, metadata=described("largest gRPC message the server accepts"))
+    max_chunk_elems: int = field(default=1 << 20, metadata=described("largest chunk an upload may declare (elements)"))
+    max_update_bytes: int = field(default=0, metadata=described("wire bytes one upload may send, retries included "
+                                                            "(0: 2x the model at fp32)"))
+    max_update_chunks: int = field(default=0, metadata=described("chunks one upload may send, retries included "
+                                                             "(0: twice the chunks the model needs, plus 16)"))
+    max_update_norm: float = field(default=1e4, metadata=described("refuse an update whose L2 norm of (update - global "
+                                                               "model) is larger (0: no bound)"))
+    clip_update_norm: float = field(default=0.0, metadata=described("scale an update's delta down to this L2 norm "
+                                                                "before aggregation (0: no clipping)"))
+    metrics_listen: str = field(default="", metadata=described(
+        "host:port for Prometheus /metrics, plain HTTP: localhost or a management network only "
+        "(e.g. 127.0.0.1:9464; empty: off)"))
 
     def validate(self) -> None:
         if self.strategy.lower() not in STRATEGIES:
@@ -114,8 +140,31 @@ class ServerConfig:
             raise ValueError(f"chunk_elems ({self.chunk_elems}) must be a multiple of block_size ({self.block_size})")
         if ":" not in self.listen:
             raise ValueError(f"listen must be host:port, got {self.listen!r}")
+        if self.max_message_bytes < self.chunk_elems * 4 + (64 << 10):
+            raise ValueError(f"max_message_bytes ({self.max_message_bytes}) cannot carry a chunk of chunk_elems "
+                             f"({self.chunk_elems}) fp32 elements")
+        if self.max_update_norm < 0 or self.clip_update_norm < 0:
+            raise ValueError("max_update_norm and clip_update_norm must be >= 0")
+        if self.max_chunk_elems < self.chunk_elems:
+            raise ValueError(f"max_chunk_elems ({self.max_chunk_elems}) is below chunk_elems ({self.chunk_elems})")
         if self.metrics_listen:
             split_listen(self.metrics_listen)
+        self.validate_security()
+
+    def validate_security(self) -> None:
+        if self.insecure:
+            return
+        if self.tls_cert is None or self.tls_key is None:
+            raise ValueError("no tls_cert/tls_key: create a fleet's certificates with `fedserver certs --out DIR "
+                             "--devices ...` and set tls_cert, tls_key and tls_ca, or set insecure = true for "
+                             "plaintext")
+        if self.tls_ca is None and self.enrollment_tokens is None:
+            raise ValueError("TLS without tls_ca needs enrollment_tokens to know who a device is; set tls_ca for "
+                             "mutual TLS, or enrollment_tokens")
+        for name in ("tls_cert", "tls_key", "tls_ca", "enrollment_tokens"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"{name} {p} does not exist")
 
     @property
     def devices_needed(self) -> int:

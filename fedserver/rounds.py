@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -53,13 +54,24 @@ class RoundError(Exception):
         self.code = code  # "not_found", "precondition", "permission", "exhausted", "invalid", "aborted"
 
 
+class UpdateRefused(RoundError):
+    """The update failed validation; it is recorded in the round log and never aggregated."""
+
+
 @dataclass
 class Assignment:
     device_id: str
     task_id: str
     num_samples: int = 0
-    status: str = "sampled"  # sampled -> uploading -> aggregated | late
+    status: str = "sampled"  # sampled -> uploading -> aggregated | late | refused
     metrics: dict[str, Any] | None = None
+    reason: str = ""  # why the update was refused
+    bytes_in: int = 0  # wire bytes and chunks received for this task, every attempt counted
+    chunks_in: int = 0
+
+    @property
+    def settled(self) -> bool:
+        return self.status in ("aggregated", "late", "refused")
     upload_encoding: str = ""
     encoding_reason: str = ""
 
@@ -83,11 +95,24 @@ class RoundState:
 class UploadSession:
     """One device's update, staged until every chunk is verified, then folded."""
 
-    def __init__(self, assignment: Assignment, header: pb.UploadHeader, receiver: StateReceiver) -> None:
+    def __init__(self, assignment: Assignment, header: pb.UploadHeader, receiver: StateReceiver,
+                 max_bytes: int, max_chunks: int) -> None:
         self.assignment = assignment
         self.header = header
         self.receiver = receiver
         self.stream_lock = threading.Lock()
+        self.max_bytes = max_bytes
+        self.max_chunks = max_chunks
+
+    def charge(self, chunk: pb.Chunk) -> None:
+        """Count a chunk against the task's budget before it is checked, so no stream is endless."""
+        a = self.assignment
+        a.bytes_in += len(chunk.payload) + len(chunk.scales)
+        a.chunks_in += 1
+        if a.bytes_in > self.max_bytes or a.chunks_in > self.max_chunks:
+            raise UpdateRefused("exhausted", f"upload for task {self.header.task_id} exceeded its budget of "
+                                             f"{self.max_bytes} bytes and {self.max_chunks} chunks "
+                                             f"(retries included)")
 
 
 @dataclass
@@ -296,8 +321,9 @@ class Coordinator:
             if a.task_id != h.task_id:
                 raise RoundError("permission", f"task {h.task_id!r} is not device {h.device_id!r}'s task "
                                                f"in round {cur.number}")
-            if a.status in ("aggregated", "late"):
-                raise RoundError("precondition", f"the update for task {h.task_id} was already {a.status}")
+            if a.settled:
+                raise RoundError("precondition", f"the update for task {h.task_id} was already {a.status}"
+                                                 + (f" ({a.reason})" if a.reason else ""))
             if h.base_version != cur.version:
                 raise RoundError("precondition", f"update trained from {h.base_version[:19]}..., round "
                                                  f"{cur.number} is on {cur.version[:19]}...")
@@ -318,6 +344,9 @@ class Coordinator:
                 raise RoundError("aborted", f"nothing staged for task {h.task_id}; start from the beginning")
             if len(self._uploads) >= self.cfg.max_concurrent_uploads and h.task_id not in self._uploads:
                 raise RoundError("exhausted", f"{len(self._uploads)} uploads already staged; retry later")
+            if h.manifest.chunk_elems > self.cfg.max_chunk_elems:
+                raise RoundError("exhausted", f"upload chunks of {h.manifest.chunk_elems} elements exceed this "
+                                              f"server's max_chunk_elems {self.cfg.max_chunk_elems}")
             try:
                 receiver = StateReceiver(h.manifest, expect=self.layout)
             except WireError as exc:
@@ -326,7 +355,8 @@ class Coordinator:
                 raise RoundError("invalid", "upload manifest must say WEIGHTS or DELTA")
             a.status = "uploading"
             a.num_samples = h.num_samples
-            sess = UploadSession(a, h, receiver)
+            chunks = sum(len(f) for f in receiver.received)
+            sess = UploadSession(a, h, receiver, self.max_update_bytes, self.cfg.max_update_chunks or 2 * chunks + 16)
             self._uploads[h.task_id] = sess
             return sess
 
@@ -342,14 +372,21 @@ class Coordinator:
                 return False, None, done
             return True, sess.receiver.next_position(), False
 
+    @property
+    def max_update_bytes(self) -> int:
+        if self.cfg.max_update_bytes > 0:
+            return self.cfg.max_update_bytes
+        fp32 = sum(t.numel() * 4 for t in self._canonical().values())
+        return 2 * fp32 + (1 << 20)
+
     def finish_upload(self, sess: UploadSession) -> str:
-        """Verify the staged update and fold it into the round's aggregate."""
+        """Verify the staged update, validate it against the model, and fold it into the round's aggregate."""
         update = sess.receiver.finish(verify_digest=True)
         canonical = {e.name: e.tensor for e in unique_tensors(update)}
         is_delta = sess.header.manifest.payload == pb.DELTA
-        for name, t in canonical.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise RoundError("invalid", f"update tensor {name} holds NaN or Inf")
+        # The round's base model does not change until the round closes, so this needs no lock.
+        glob = self._canonical()
+        delta = self.validated_delta(sess, canonical, glob, is_delta)
         digest_value = sess.header.manifest.digest
         with self.lock:
             cur = self.current
@@ -358,9 +395,6 @@ class Coordinator:
             if cur is None or cur.closed or cur.assignments.get(a.device_id) is not a:
                 a.status = "late"
                 raise RoundError("precondition", f"round {sess.header.round} closed before the update arrived")
-            glob = self._canonical()
-            delta = {k: (v.float() if is_delta else v.float() - glob[k].float())
-                     for k, v in canonical.items() if v.is_floating_point()}
             cur.mean.add(delta, float(a.num_samples))
             a.status = "aggregated"
             self.trained_on[a.device_id] = cur.version
@@ -369,6 +403,44 @@ class Coordinator:
             self.lock.notify_all()
         log.info("round %d: update from %s folded (%d samples)", cur.number, a.device_id, a.num_samples)
         return digest_value
+
+    def validated_delta(self, sess: UploadSession, update: Mapping[str, torch.Tensor],
+                        glob: Mapping[str, torch.Tensor], is_delta: bool) -> dict[str, torch.Tensor]:
+        """update - global (fp32), refusing NaN/Inf and norms above the bound, clipped if configured."""
+        if set(update) != set(glob):
+            self.refuse_upload(sess, f"tensors {sorted(set(update) ^ set(glob))[:3]} differ from the model's")
+        for name, t in update.items():
+            g = glob[name]
+            if t.dtype != g.dtype or t.shape != g.shape:
+                self.refuse_upload(sess, f"{name}: {t.dtype} {tuple(t.shape)} does not match the model's "
+                                         f"{g.dtype} {tuple(g.shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                self.refuse_upload(sess, f"tensor {name} holds NaN or Inf")
+        delta = {k: (v.float() if is_delta else v.float() - glob[k].float())
+                 for k, v in update.items() if v.is_floating_point()}
+        norm = float(torch.sqrt(sum((d.double().pow(2).sum() for d in delta.values()),
+                                    torch.zeros((), dtype=torch.float64))))
+        bound, clip = self.cfg.max_update_norm, self.cfg.clip_update_norm
+        if not math.isfinite(norm) or (bound > 0 and norm > bound):
+            self.refuse_upload(sess, f"update norm {norm:.4g} exceeds max_update_norm {bound:g}")
+        if clip > 0 and norm > clip:
+            scale = clip / norm
+            delta = {k: d * scale for k, d in delta.items()}
+            log.info("round %d: update from %s clipped from norm %.4g to %.4g", sess.header.round,
+                     sess.assignment.device_id, norm, clip)
+        return delta
+
+    def refuse_upload(self, sess: UploadSession, reason: str, code: str = "invalid") -> None:
+        """Refuse the task's update for good: logged with the reason, the round goes on without it."""
+        a = sess.assignment
+        with self.lock:
+            if self._uploads.get(sess.header.task_id) is sess:
+                del self._uploads[sess.header.task_id]
+            if not a.settled:
+                a.status, a.reason = "refused", reason[:500]
+            self.lock.notify_all()
+        log.warning("round %d: update from %s refused: %s", sess.header.round, a.device_id, reason)
+        raise UpdateRefused(code, f"update refused: {reason}")
 
     def _save_update(self, rnd: int, device_id: str, state: Mapping[str, torch.Tensor], n: int, delta: bool) -> None:
         from .storage import save_checkpoint
@@ -528,7 +600,7 @@ class Coordinator:
             self.phase = "training"
             while not self._stop.is_set():
                 self._beat()
-                if all(a.status in ("aggregated", "late") for a in cur.assignments.values()):
+                if all(a.settled for a in cur.assignments.values()):
                     break
                 left = cur.deadline - time.monotonic()
                 if left <= 0:
@@ -610,8 +682,10 @@ class Coordinator:
         for a in cur.assignments.values():
             m = dict(a.metrics or {})
             rec: dict[str, Any] = {"round": cur.number, "attempt": cur.attempt, "client": a.device_id,
-                                   "status": a.status if a.status == "aggregated" else "missing",
+                                   "status": a.status if a.status in ("aggregated", "refused") else "missing",
                                    "num_samples": a.num_samples}
+            if a.reason:
+                rec["reason"] = a.reason
             if a.upload_encoding:
                 rec["upload_encoding"] = a.upload_encoding
             if a.encoding_reason:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -16,12 +15,11 @@ from fedcore.wire import WireError
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
-from .rounds import Coordinator, RoundError
+from .auth import DEVICE_ID, gatekeeper_for, server_credentials
+from .rounds import Coordinator, RoundError, UpdateRefused
 from .status import status_message
 
 log = logging.getLogger("fedserver.service")
-
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _ROUND_CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,
@@ -122,8 +120,17 @@ class FederationService(pbg.FederationServicer):
             for msg in request_iterator:
                 if msg.WhichOneof("body") != "chunk":
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the upload header")
+                try:
+                    sess.charge(msg.chunk)
+                except UpdateRefused as exc:
+                    self.coord.refuse_upload(sess, str(exc), exc.code)
                 before = sess.receiver.bytes_received
-                sess.receiver.accept(msg.chunk)
+                try:
+                    sess.receiver.accept(msg.chunk)
+                except WireError as exc:
+                    if exc.kind == "value":  # NaN/Inf: the update itself is bad, not its transport
+                        self.coord.refuse_upload(sess, f"{exc}")
+                    raise
                 board.add(t, sess.receiver.bytes_received - before, done=sess.receiver.bytes_received)
             nxt = sess.receiver.next_position()
             r = sess.receiver
@@ -197,13 +204,27 @@ class FederationService(pbg.FederationServicer):
 
 
 def make_server(coord: Coordinator, listen: str, max_workers: int) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-ready (not yet started) server bound to listen; returns the bound port."""
+    """A started-ready (not yet started) server bound to listen; returns the bound port.
+
+    TLS and the gatekeeper come from coord.cfg; every service added to this
+    server goes through the gatekeeper.
+    """
+    cfg = coord.cfg
+    options = [(k, cfg.max_message_bytes if k == "grpc.max_receive_message_length" else v)
+               for k, v in CHANNEL_OPTIONS]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                         options=CHANNEL_OPTIONS, maximum_concurrent_rpcs=max_workers * 4)
+                         options=options, maximum_concurrent_rpcs=max_workers * 4,
+                         interceptors=[gatekeeper_for(cfg)])
     pbg.add_FederationServicer_to_server(FederationService(coord), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(listen)
+    creds = server_credentials(cfg)
+    if creds is None:
+        log.warning("serving PLAINTEXT gRPC on %s (insecure = true): no TLS, and any caller may claim any "
+                    "device id", listen)
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, creds)
     if port == 0:
         raise OSError(f"cannot listen on {listen}: address in use or not available")
     for name in ("", "fedtune.v1.Federation"):

@@ -7,6 +7,7 @@ real fleet.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -67,13 +68,19 @@ class SimulateConfig:
                                                             "device i on PORT+1+i (0: off)"))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
+    insecure: bool = field(default=False, metadata=described("plaintext gRPC instead of mutual TLS with a fleet of "
+                                                         "certificates made in OUT/certs"))
 
     def validate(self) -> None:
         if self.devices < 1 or not 1 <= self.devices_per_round <= self.devices:
             raise ValueError(f"need 1 <= devices_per_round ({self.devices_per_round}) <= devices ({self.devices})")
         if self.metrics_port and not 0 < self.metrics_port + self.devices < 65536:
             raise ValueError(f"metrics_port {self.metrics_port}: the devices' ports would pass 65535")
-        self.server_config(Path("."), 0).validate()
+        # Certificates are made when the run starts; check everything else now.
+        dataclasses.replace(self.server_config(Path("."), 0), insecure=True).validate()
+
+    def device_ids(self) -> list[str]:
+        return [f"dev-{i:02d}" for i in range(self.devices)]
 
     def server_config(self, out: Path, port: int, host: str = "127.0.0.1") -> ServerConfig:
         return ServerConfig(
@@ -88,11 +95,12 @@ class SimulateConfig:
             download_payload=self.download_payload, download_delta_encoding=self.download_delta_encoding,
             link_aware=self.link_aware, link_target_g=self.link_target_g, link_byte_budget=self.link_byte_budget,
             eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates,
-            metrics_listen=f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "")
+            metrics_listen=f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "", insecure=self.insecure)
 
     def client_args(self, i: int, server: str) -> list[str]:
-        args = ["--server", server, "--device-id", f"dev-{i:02d}", "--data", self.data,
-                "--state-dir", str(Path(self.out) / "devices" / f"dev-{i:02d}"),
+        dev = self.device_ids()[i]
+        args = ["--server", server, "--device-id", dev, "--data", self.data,
+                "--state-dir", str(Path(self.out) / "devices" / dev),
                 "--data-size", str(self.data_size), "--data-seed", str(self.seed), "--partitions", str(self.devices),
                 "--partition", str(i), "--alpha", str(self.alpha), "--threads", str(self.threads_per_device),
                 "--retry-initial-s", "0.5", "--retry-max-s", "5"]
@@ -185,6 +193,13 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
             shutil.rmtree(out / stale_dir)
     port = launcher.port or free_port()
     scfg = cfg.server_config(out, port, launcher.listen_host)
+    fleet = None
+    if not cfg.insecure:
+        from .certs import write_fleet
+
+        # The server certificate must name the address the daemons dial.
+        fleet = write_fleet(out / "certs", cfg.device_ids(), [launcher.server_host, "localhost", "127.0.0.1"])
+        scfg = dataclasses.replace(scfg, **fleet.server_settings())
     write_toml(out / "server.toml", to_dict(scfg))
     (out / "simulate.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
@@ -194,11 +209,14 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     procs.append(("server", *_spawn(server_argv, logs / "server.log")))
     server_addr = f"{launcher.server_host}:{port}"
     for i in range(cfg.devices):
-        argv = launcher.wrap_device(i, [py, "-m", "fedclient", "run", *cfg.client_args(i, server_addr)])
-        procs.append((f"dev-{i:02d}", *_spawn(argv, logs / f"dev-{i:02d}.log")))
+        dev = cfg.device_ids()[i]
+        tls = fleet.client_args(dev) if fleet else ["--insecure", "true"]
+        argv = launcher.wrap_device(i, [py, "-m", "fedclient", "run", *cfg.client_args(i, server_addr), *tls])
+        procs.append((dev, *_spawn(argv, logs / f"{dev}.log")))
+    security = f"mutual TLS (certificates in {fleet.out})" if fleet else "PLAINTEXT (--insecure)"
     echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, preset {cfg.preset}, "
-         f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {_wire(cfg)}, {cfg.strategy}; "
-         f"logs in {logs}")
+         f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {_wire(cfg)}, {cfg.strategy}, "
+         f"{security}; logs in {logs}")
     server = procs[0][1]
     printed = 0
     t0 = time.monotonic()

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 import fedcore
-from fedcore.channel import CHANNEL_OPTIONS
+from fedcore.channel import ClientSecurity, open_channel
+from fedcore.config import described
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
@@ -38,13 +41,37 @@ def status_message(snap: dict[str, Any]) -> pb.ServerStatus:
     return msg
 
 
-def status_channel(address: str) -> grpc.Channel:
-    """The one place `fedserver status` builds its channel (switch here to a secure channel)."""
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+@dataclass
+class StatusConfig:
+    """Where `fedserver status` dials and how it proves it is an operator (TOML via --config, or flags)."""
+    server: str = field(default="127.0.0.1:50051", metadata=described("server address host:port"))
+    tls_ca: Path | None = field(default=None, metadata=described("CA that signed the server certificate (PEM)"))
+    tls_cert: Path | None = field(default=None, metadata=described(
+        "operator certificate (PEM) from `fedserver certs --admins NAME`: OUT/NAME.pem"))
+    tls_key: Path | None = field(default=None, metadata=described("operator private key (PEM): OUT/NAME.key"))
+    tls_server_name: str = field(default="", metadata=described(
+        "name to check the server certificate against (default: the host in server)"))
+    insecure: bool = field(default=False, metadata=described("plaintext gRPC, for servers started with insecure"))
+
+    def validate(self) -> None:
+        if ":" not in self.server:
+            raise ValueError(f"server must be host:port, got {self.server!r}")
+        if not self.insecure and self.tls_cert is None:
+            raise ValueError("no operator certificate: pass --tls-ca, --tls-cert and --tls-key (from `fedserver "
+                             "certs --admins NAME`), or --insecure for a plaintext server")
+        self.security().validate()
+
+    def security(self) -> ClientSecurity:
+        return ClientSecurity(self.tls_ca, self.tls_cert, self.tls_key, "", self.tls_server_name, self.insecure)
 
 
-def fetch_status(address: str, timeout: float = 10.0) -> pb.ServerStatus:
-    with status_channel(address) as channel:
+def status_channel(address: str, security: ClientSecurity) -> grpc.Channel:
+    """The one place `fedserver status` builds its channel: the same open_channel every client uses."""
+    return open_channel(address, security)
+
+
+def fetch_status(address: str, security: ClientSecurity, timeout: float = 10.0) -> pb.ServerStatus:
+    with status_channel(address, security) as channel:
         return pbg.FederationStub(channel).Status(pb.StatusRequest(), timeout=timeout)
 
 

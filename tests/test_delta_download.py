@@ -48,7 +48,7 @@ def test_delta_downloads_match_the_global_digest_and_old_versions_get_the_full_m
                              link_encodings="fp32,int8", link_byte_budget=2_000_000)
     srv = start_server(cfg)
     try:
-        stub = srv.stub()
+        stub = srv.stub("d1")
         sid = stub.Join(pb.JoinRequest(device_id="d1", num_samples=5)).session_id
         held: dict[str, torch.Tensor] | None = None
         held_version = ""

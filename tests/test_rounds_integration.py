@@ -13,7 +13,7 @@ from fedserver.simulate import SimulateConfig, run
 from fedserver.storage import CheckpointDir, RoundLog, load_checkpoint
 from fedtune.v1 import fedtune_pb2 as pb
 
-from fedhelpers import start_daemon, start_server, stop, tiny_server_config
+from fedhelpers import Fleet, start_daemon, start_server, stop, tiny_server_config
 
 pytestmark = pytest.mark.slow
 
@@ -70,11 +70,12 @@ def test_daemon_started_before_server_waits_and_joins(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = start_daemon(f"127.0.0.1:{port}", "early", tmp_path / "early.log")
+    fleet = Fleet(tmp_path / "pki")
+    d = start_daemon(f"127.0.0.1:{port}", "early", tmp_path / "early.log", fleet=fleet)
     try:
         time.sleep(3)  # the daemon is retrying against nothing
         assert d.poll() is None, (tmp_path / "early.log").read_text()
-        srv = start_server(tiny_server_config(tmp_path / "srv", rounds=1), port=port)
+        srv = start_server(tiny_server_config(tmp_path / "srv", fleet, rounds=1), port=port)
         try:
             assert srv.wait(180), "round did not finish"
             assert d.wait(60) == 0, (tmp_path / "early.log").read_text()
@@ -92,9 +93,9 @@ def test_dead_device_does_not_hold_the_round_past_its_deadline(tmp_path):
     procs = []
     try:
         # A device that joins, takes its task and then goes silent, as a killed daemon would.
-        stub = srv.stub()
+        stub = srv.stub("ghost")
         join = stub.Join(pb.JoinRequest(device_id="ghost", num_samples=10))
-        procs.append(start_daemon(srv.address, "alive", tmp_path / "alive.log"))
+        procs.append(start_daemon(srv.address, "alive", tmp_path / "alive.log", fleet=srv.fleet))
         task = None
         while task is None or task.kind != pb.Task.TRAIN:
             task = stub.GetTask(pb.TaskRequest(device_id="ghost", session_id=join.session_id))
@@ -109,17 +110,19 @@ def test_dead_device_does_not_hold_the_round_past_its_deadline(tmp_path):
 def test_upload_out_of_turn_and_bad_ids_get_clear_statuses(tmp_path):
     srv = start_server(tiny_server_config(tmp_path / "srv", rounds=1, devices_per_round=1))
     try:
-        stub = srv.stub()
+        stub = srv.stub("d1")
         with pytest.raises(grpc.RpcError) as e:
             stub.Join(pb.JoinRequest(device_id="bad id with spaces"))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "'d1'" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:
-            stub.GetTask(pb.TaskRequest(device_id="nobody", session_id="x"))
+            srv.stub("nobody").GetTask(pb.TaskRequest(device_id="nobody", session_id="x"))
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "Join" in e.value.details()
         j = stub.Join(pb.JoinRequest(device_id="d1", num_samples=5))
         hdr = pb.UploadHeader(device_id="d1", session_id=j.session_id, task_id="not-mine", round=1,
                               num_samples=5)
         task = stub.GetTask(pb.TaskRequest(device_id="d1", session_id=j.session_id))
+        while task.kind == pb.Task.WAIT:  # the baseline evaluation runs before round 1
+            task = stub.GetTask(pb.TaskRequest(device_id="d1", session_id=j.session_id))
         assert task.kind == pb.Task.TRAIN
         hdr.base_version = task.model_version
         with pytest.raises(grpc.RpcError) as e:

@@ -16,6 +16,8 @@ from fedserver.config import ServerConfig
 from fedserver.simulate import free_port, write_toml
 from fedcore.config import to_dict
 
+from fedhelpers import Fleet
+
 
 def _listen(abstract: bool, tmp_path: Path) -> tuple[socket.socket, str]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -102,9 +104,11 @@ def test_server_and_daemon_notify_ready_watchdog_and_stopping(tmp_path):
     srv_sock, srv_addr = _listen(True, tmp_path)
     dev_sock, dev_addr = _listen(False, tmp_path)
     port = free_port()
+    fleet = Fleet(tmp_path / "pki")
     cfg = ServerConfig(listen=f"127.0.0.1:{port}", out=tmp_path / "srv", preset="tiny", rounds=1,
                        devices_per_round=1, min_updates=1, round_deadline_s=120.0, local_steps=2, batch_size=4,
-                       max_input_tokens=64, max_target_tokens=16, eval_size=2, eval_batch_size=2, poll_seconds=1)
+                       max_input_tokens=64, max_target_tokens=16, eval_size=2, eval_batch_size=2, poll_seconds=1,
+                       **fleet.server_settings())
     write_toml(tmp_path / "server.toml", to_dict(cfg))
     # 2 s watchdog: pings every second while the loops beat.
     env = dict(os.environ, WATCHDOG_USEC="2000000")
@@ -114,7 +118,7 @@ def test_server_and_daemon_notify_ready_watchdog_and_stopping(tmp_path):
                               stderr=subprocess.STDOUT)
     daemon = subprocess.Popen([sys.executable, "-m", "fedclient", "run", "--server", f"127.0.0.1:{port}",
                                "--device-id", "notified", "--data-size", "16", "--threads", "1",
-                               "--retry-initial-s", "0.2", "--retry-max-s", "1"],
+                               "--retry-initial-s", "0.2", "--retry-max-s", "1", *fleet.client_args("notified")],
                               env=dict(env, NOTIFY_SOCKET=dev_addr), stdout=open(dev_log, "w"),
                               stderr=subprocess.STDOUT)
     try:

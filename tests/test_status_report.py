@@ -12,7 +12,8 @@ from fedserver.simulate import free_port
 from fedserver.status import fetch_status, render_status
 from fedserver.storage import RoundLog
 
-from fedhelpers import start_daemon, start_server, stop, tiny_server_config
+from fedcore.channel import open_channel
+from fedhelpers import fleet_of, start_daemon, start_server, stop, tiny_server_config
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +28,14 @@ def test_status_metrics_and_report_of_a_two_round_run(tmp_path):
     srv = start_server(tiny_server_config(tmp_path / "srv", rounds=2, devices_per_round=2, min_updates=2))
     mport = free_port()
     daemons = [start_daemon(srv.address, "dev-a", tmp_path / "a.log", "--stay-after-shutdown", "true",
-                            "--metrics-listen", f"127.0.0.1:{mport}"),
-               start_daemon(srv.address, "dev-b", tmp_path / "b.log")]
+                            "--metrics-listen", f"127.0.0.1:{mport}", fleet=srv.fleet),
+               start_daemon(srv.address, "dev-b", tmp_path / "b.log", fleet=srv.fleet)]
     try:
         assert srv.wait(600), "the rounds did not finish"
         records = RoundLog(tmp_path / "srv" / "rounds.jsonl").read()
         assert len(records) == 4 and all(r["status"] == "aggregated" for r in records)
 
-        st = fetch_status(srv.address)
+        st = fetch_status(srv.address, srv.fleet.admin_security())
         assert (st.phase, st.round, st.rounds_completed, st.rounds_total) == ("finished", 2, 2, 2)
         assert {p.device_id for p in st.participants} == {"dev-a", "dev-b"}
         assert all(p.status == "aggregated" and p.reported for p in st.participants)
@@ -112,8 +113,11 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
     log = tmp_path / "server.log"
     server = subprocess.Popen([sys.executable, "-m", "fedserver", "run", "--config", str(tmp_path / "server.toml")],
                               stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    fleet = fleet_of(cfg)
     daemon = None
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    # The operator asks for status and health; the silent device joins with its own certificate.
+    channel = open_channel(f"127.0.0.1:{port}", fleet.admin_security())
+    silent_channel = open_channel(f"127.0.0.1:{port}", fleet.security("silent"))
     health = health_pb2_grpc.HealthStub(channel)
     fed = pbg.FederationStub(channel)
     try:
@@ -129,11 +133,12 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
             seen.append((st.phase, health_pb2.HealthCheckResponse.ServingStatus.Name(h.status)))
             if daemon is None:
                 # Only now: a run that finished before the first poll would show nothing.
-                daemon = start_daemon(f"127.0.0.1:{port}", "dev-a", tmp_path / "a.log")
+                daemon = start_daemon(f"127.0.0.1:{port}", "dev-a", tmp_path / "a.log", fleet=fleet)
             if st.round_open and not joined_silent:
                 # A second device joins once dev-a holds the round's only task, then never polls:
                 # the finished server waits a poll period for it before exiting.
-                fed.Join(pb.JoinRequest(device_id="silent", num_samples=1), timeout=30)
+                pbg.FederationStub(silent_channel).Join(pb.JoinRequest(device_id="silent", num_samples=1),
+                                                        timeout=30)
                 joined_silent = True
             if seen[-1] == ("finished", "NOT_SERVING"):
                 break
@@ -145,4 +150,5 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
         assert server.wait(600) == 0, log.read_text()[-2000:]
     finally:
         channel.close()
+        silent_channel.close()
         stop([p for p in (daemon, server) if p is not None])
