@@ -117,6 +117,9 @@ class Watchdog:
 
     def _run(self) -> None:
         assert self.period_s is not None
+        # First ping at once: a short-lived run (or a slow first period) must not leave
+        # systemd, or a test reading the socket, without a sign of life.
+        self.tick()
         while not self._stop.wait(self.period_s / 2):
             self.tick()
 

@@ -142,3 +142,16 @@ def test_server_and_daemon_notify_ready_watchdog_and_stopping(tmp_path):
     assert any(m.startswith("READY=1\nSTATUS=serving on port") for m in srv_msgs), srv_msgs
     assert any(m.startswith("READY=1\nSTATUS=joined 127.0.0.1") for m in dev_msgs), dev_msgs
     assert any(m.startswith("WATCHDOG=1\nSTATUS=") for m in dev_msgs)
+
+
+def test_watchdog_pings_at_once_on_start(tmp_path):
+    # A long period: only the immediate first ping can arrive within the receive window.
+    sock, addr = _listen(True, tmp_path)
+    with sock:
+        wd = Watchdog(Notifier({"NOTIFY_SOCKET": addr, "WATCHDOG_USEC": "600000000"}), status=lambda: "up")
+        wd.beat()
+        wd.start()
+        try:
+            assert _recv_all(sock, 5) == ["WATCHDOG=1\nSTATUS=up"]
+        finally:
+            wd.stop()
