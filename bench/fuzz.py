@@ -361,12 +361,12 @@ class HonestDevice:
         self.failed: list[str] = []
 
     def loop(self) -> None:
-        from fedclient.transfer import download
+        from fedclient.transfer import Limits, download
 
         while not self.stop.is_set():
             try:
-                state, _ = download(self.stub, self.dev, self.sid, self.task.model_version, None, 0, _no_retry,
-                                    timeout=TIMEOUT_S)
+                state, _ = download(self.stub, self.dev, self.sid, self.task.model_version, None,
+                                    Limits(retries=0, stall_s=TIMEOUT_S), _no_retry)
                 if state_digest(unique_tensors(state)) != self.task.model_version:
                     self.failed.append("downloaded model does not match its version")
                 st = self.stub.UploadStatus(pb.UploadStatusRequest(device_id=self.dev, session_id=self.sid,
@@ -399,7 +399,7 @@ def run_fuzz(address: str, fuzzer: ClientSecurity, honest: ClientSecurity, input
              digest: Callable[[], str], max_message_bytes: int,
              honest_device: str = "honest", fuzz_device: str = "fuzzer") -> tuple[FuzzReport, dict]:
     """Fuzz a server whose round has sampled both devices; returns the report and the honest side's context."""
-    from fedclient.transfer import download
+    from fedclient.transfer import Limits, download
 
     rng = random.Random(seed)
     report = FuzzReport()
@@ -413,7 +413,8 @@ def run_fuzz(address: str, fuzzer: ClientSecurity, honest: ClientSecurity, input
         t.join()
     h_sid, h_task = results[honest_device]
     f_sid, f_task = results[fuzz_device]
-    state, _ = download(pbg.FederationStub(f_ch), fuzz_device, f_sid, f_task.model_version, None, 0, _no_retry)
+    state, _ = download(pbg.FederationStub(f_ch), fuzz_device, f_sid, f_task.model_version, None,
+                        Limits(retries=0, stall_s=TIMEOUT_S), _no_retry)
     fz = Fuzzer(f_ch, fuzz_device, f_sid, f_task, state, rng, max_message_bytes)
     honest_dev = HonestDevice(h_ch, honest_device, h_sid, h_task)
     report.digest_before = digest()
@@ -437,7 +438,7 @@ def run_fuzz(address: str, fuzzer: ClientSecurity, honest: ClientSecurity, input
 def finish_round(ctx: dict, honest_device: str = "honest", fuzz_device: str = "fuzzer",
                  seed: int = 0) -> tuple[dict[str, torch.Tensor], grpc.StatusCode, str]:
     """The honest device uploads base + noise; the fuzzer uploads NaN. Returns (honest update, fuzzer's code, details)."""
-    from fedclient.transfer import upload
+    from fedclient.transfer import Limits, upload
 
     state: dict[str, torch.Tensor] = ctx["state"]
     g = torch.Generator().manual_seed(seed)
@@ -458,7 +459,7 @@ def finish_round(ctx: dict, honest_device: str = "honest", fuzz_device: str = "f
                             chunk_elems=up.chunk_elems)
         hdr = pb.UploadHeader(device_id=dev, session_id=sid, task_id=task.task_id, round=task.round,
                               base_version=task.model_version, num_samples=10)
-        reply, _ = upload(pbg.FederationStub(ch), hdr, st, spec, 0, _no_retry, timeout=120)
+        reply, _ = upload(pbg.FederationStub(ch), hdr, st, spec, Limits(retries=0, stall_s=120), _no_retry)
         return reply
 
     code, details = grpc.StatusCode.OK, ""

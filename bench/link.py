@@ -22,7 +22,7 @@ SERVER_PORT = 50051
 
 def device_main(args: argparse.Namespace) -> int:
     """Inside the device namespace: join, take the task, download, upload, print JSON."""
-    from fedclient.transfer import download, upload
+    from fedclient.transfer import Limits, download, upload
     from fedcore.channel import ClientSecurity, open_channel
     from fedcore.wire import TransferSpec
     from fedtune.v1 import fedtune_pb2 as pb
@@ -40,12 +40,12 @@ def device_main(args: argparse.Namespace) -> int:
     def no_retry(_attempt: int) -> None:
         raise RuntimeError("the bench does not retry")
 
-    state, d = download(stub, "bench-link", j.session_id, task.model_version, None, 0, no_retry)
+    state, d = download(stub, "bench-link", j.session_id, task.model_version, None, Limits(retries=0, stall_s=0), no_retry)
     spec = TransferSpec(args.encoding, args.codec, block_size=task.upload.block_size,
                         chunk_elems=task.upload.chunk_elems)
     hdr = pb.UploadHeader(device_id="bench-link", session_id=j.session_id, task_id=task.task_id, round=task.round,
                           base_version=task.model_version, num_samples=1)
-    _, u = upload(stub, hdr, state, spec, 0, no_retry)
+    _, u = upload(stub, hdr, state, spec, Limits(retries=0, stall_s=0), no_retry)
     print(json.dumps({"down_s": d.seconds, "down_bytes": d.bytes, "up_s": u.seconds + u.wait_s,
                       "up_wait_s": u.wait_s, "up_bytes": u.bytes}), flush=True)
     return 0

@@ -26,9 +26,11 @@ from fedserver.config import ServerConfig
 from fedserver.service import make_server
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
-from fedclient.transfer import download, upload
+from fedclient.transfer import Limits, download, upload
 
 from .rawtcp import copy_bytes
+
+NO_RETRY = Limits(retries=0, stall_s=0)  # a bench measures one clean attempt
 
 
 def _no_backoff(_attempt: int) -> None:
@@ -70,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                     task = stub.GetTask(pb.TaskRequest(device_id="bench", session_id=j.session_id), timeout=600)
                 codec = pb.ZSTD if args.codec == "zstd" else pb.NONE
                 req_enc = {"fp32": pb.FP32, "fp16": pb.FP16, "bf16": pb.BF16, "int8": pb.INT8, "nf4": pb.NF4}[enc]
-                state, d = download(stub, "bench", j.session_id, task.model_version, None, 0, _no_backoff,
+                state, d = download(stub, "bench", j.session_id, task.model_version, None, NO_RETRY, _no_backoff,
                                     encoding=req_enc, codec=codec)
                 spec = TransferSpec(enc, args.codec, block_size=cfg.block_size, chunk_elems=cfg.chunk_elems)
                 hdr = pb.UploadHeader(device_id="bench", session_id=j.session_id, task_id=task.task_id,
                                       round=task.round, base_version=task.model_version, num_samples=1)
-                _, u = upload(stub, hdr, state, spec, 0, _no_backoff)
+                _, u = upload(stub, hdr, state, spec, NO_RETRY, _no_backoff)
                 up_s = u.seconds + u.wait_s
                 tcp_down = copy_bytes(d.bytes)
                 tcp_up = copy_bytes(u.bytes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import torch
 from fedcore.wire import StateEncoder, StateReceiver, TransferSpec, WireError
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
+
+from .statedir import DownloadStore
 
 log = logging.getLogger("fedclient.transfer")
 
@@ -27,6 +30,8 @@ class TransferStats:
     bytes: int = 0
     wait_s: float = 0.0  # upload: last chunk handed to gRPC -> server's reply
     attempts: int = 0
+    bytes_resent: int = 0  # upload: bytes of chunks sent again after a break (sender-side count)
+    stalls: int = 0  # attempts the watchdog cancelled for lack of progress
     version: str = ""    # download: the version now held
     exact: bool = False  # download: bit-exact (lossless encoding, or a digest-checked delta)
     deltas: int = 0      # download: broadcast deltas applied
@@ -34,6 +39,55 @@ class TransferStats:
     @property
     def bytes_per_s(self) -> float:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Limits:
+    """Bounds of one transfer: retries, stall watchdog, and a deadline that scales with the bytes.
+
+    A fixed timeout either kills a big transfer on a slow link or waits far
+    too long on a dead one. The per-attempt deadline is instead
+    `max(floor_s, safety * bytes_left / rate)` with the device's measured
+    rate (none until a transfer was measured), and a call that moves no
+    chunk for `stall_s` is cancelled and resumed: TCP alone would sit out a
+    dead link for minutes.
+    """
+    retries: int = 8  # attempts in a row without progress
+    stall_s: float = 60.0
+    floor_s: float = 60.0
+    safety: float = 3.0
+    rate_bps: float | None = None  # bytes per second, measured
+    pace_bps: float = 0.0  # upload: send no faster than this (bytes/s; 0: as fast as the link takes)
+
+    def deadline(self, nbytes: int) -> float | None:
+        if not self.rate_bps or nbytes <= 0:
+            return None
+        return max(self.floor_s, self.safety * nbytes / self.rate_bps)
+
+
+class Watchdog:
+    """Calls `cancel` when `poke` was not called for `stall_s` seconds."""
+
+    def __init__(self, stall_s: float, cancel: Callable[[], object]) -> None:
+        self.stall_s, self.cancel = stall_s, cancel
+        self.last = time.monotonic()
+        self.fired = False
+        self._done = threading.Event()
+        if stall_s > 0:
+            threading.Thread(target=self._run, daemon=True, name="transfer-watchdog").start()
+
+    def poke(self) -> None:
+        self.last = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._done.wait(min(1.0, self.stall_s / 4)):
+            if time.monotonic() - self.last > self.stall_s:
+                self.fired = True
+                self.cancel()
+                return
+
+    def close(self) -> None:
+        self._done.set()
 
 
 class Progress:
@@ -61,17 +115,20 @@ MAX_DELTA_STEPS = 64
 
 
 def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: str,
-          held: Mapping[str, torch.Tensor] | None, held_version: str, retries: int,
-          backoff: Callable[[int], None], timeout: float | None = None,
+          held: Mapping[str, torch.Tensor] | None, held_version: str, limits: Limits,
+          backoff: Callable[[int], None], store: DownloadStore | None = None, expect_bytes: int = 0,
           on_progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], TransferStats]:
     """Bring the device to model `version`: broadcast deltas from `held` (exactly `held_version`) when the
-    server offers them, otherwise the full model. A delta that fails its digest check falls back to the full model."""
+    server offers them, otherwise the full model. A delta that fails its digest check falls back to the full model.
+
+    `store` persists full-model downloads only (see `download`)."""
     total = TransferStats()
     state, have = held, held_version if held is not None else ""
     for _ in range(MAX_DELTA_STEPS):
         try:
-            state_, st = download(stub, device_id, session_id, version, None, retries, backoff, timeout,
-                                  base=state if have else None, base_version=have, on_progress=on_progress)
+            state_, st = download(stub, device_id, session_id, version, None, limits, backoff,
+                                  base=state if have else None, base_version=have, store=store,
+                                  expect_bytes=expect_bytes, on_progress=on_progress)
         except WireError as exc:
             if not have or exc.kind != "digest":
                 raise
@@ -81,6 +138,7 @@ def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: st
         total.seconds += st.seconds
         total.bytes += st.bytes
         total.attempts += st.attempts
+        total.stalls += st.stalls
         total.deltas += st.deltas
         state, have, total.exact = state_, st.version, st.exact
         if have == version:
@@ -93,76 +151,132 @@ def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: st
 
 
 def download(stub: pbg.FederationStub, device_id: str, session_id: str, version: str,
-             dest: Mapping[str, torch.Tensor] | None, retries: int, backoff: Callable[[int], None],
-             timeout: float | None = None, encoding: int = pb.ENCODING_UNSPECIFIED,
-             codec: int = pb.CODEC_UNSPECIFIED, base: Mapping[str, torch.Tensor] | None = None,
-             base_version: str = "",
+             dest: Mapping[str, torch.Tensor] | None, limits: Limits, backoff: Callable[[int], None],
+             encoding: int = pb.ENCODING_UNSPECIFIED, codec: int = pb.CODEC_UNSPECIFIED,
+             store: DownloadStore | None = None, expect_bytes: int = 0,
+             base: Mapping[str, torch.Tensor] | None = None, base_version: str = "",
              on_progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], TransferStats]:
-    """Stream model `version` into dest (written in place), resuming after breaks.
+    """Stream model `version` into dest (or into `store` on disk), resuming after breaks and restarts.
 
     With `base` (exactly `base_version`) the server may answer with a delta to
     the next version instead; the returned stats say which version arrived.
+    Only full models go to `store`: a delta is a fraction of the model and
+    needs its base in memory anyway, so a delta interrupted by a restart is
+    fetched again (from the base kept in `store`, if the server still has the
+    steps), while a break within one process resumes it from memory.
     """
     stats = TransferStats()
     receiver: StateReceiver | None = None
+    disk: DownloadStore | None = None  # `store`, once the manifest says this is a full model
     t0 = time.perf_counter()
+    failures = 0
     while True:
         stats.attempts += 1
         start = receiver.next_position() if receiver is not None else None
+        if receiver is not None and start is None:
+            return _finish_download(receiver, disk, base, stats, t0)  # the disk held every chunk
+        held_before = receiver.bytes_received if receiver is not None else 0
         req = pb.DownloadRequest(device_id=device_id, session_id=session_id, model_version=version,
                                  encoding=encoding, codec=codec, base_version=base_version if base else "")
         if start is not None:
             req.start.CopyFrom(start)
+        left = (receiver.manifest.wire_bytes if receiver is not None else expect_bytes) - held_before
+        stream = stub.Download(req, timeout=limits.deadline(left), wait_for_ready=True)
+        dog = Watchdog(limits.stall_s, stream.cancel)
         try:
-            stream = stub.Download(req, timeout=timeout)
             progress: Progress | None = None
             for msg in stream:
+                dog.poke()
                 if msg.WhichOneof("body") == "manifest":
                     m = msg.manifest
                     if receiver is None:
                         if m.base_version and (base is None or m.base_version != base_version):
                             raise WireError("payload", f"the server sent a delta from {m.base_version[:19]}..., "
                                                        f"this device holds {base_version[:19] or 'nothing'}")
-                        receiver = StateReceiver(m, dest=None if m.base_version else dest)
+                        # A delta decodes into fresh tensors, then adds to base; a full model goes in place.
+                        disk = None if m.base_version else store
+                        held: list[tuple[int, int]] = []
+                        if disk is not None:
+                            into, held = disk.prepare(m)
+                        else:
+                            into = None if m.base_version else dest
+                        receiver = StateReceiver(m, dest=into)
+                        for ti, k in held:
+                            receiver.mark_held(ti, k)
+                        if held:
+                            # Resumed from disk: ask again from the first chunk not held.
+                            raise _Restart()
                     elif (m.digest, m.base_version) != (receiver.manifest.digest, receiver.manifest.base_version):
                         raise WireError("digest", "the server changed model version during a resumed download")
-                    progress = Progress(f"download {version[7:19]}", msg.manifest.wire_bytes,
-                                        on_update=on_progress)
+                    progress = Progress(f"download {version[7:19]}", m.wire_bytes, on_update=on_progress)
                     continue
                 if receiver is None:
                     raise WireError("manifest", "download stream did not start with a manifest")
-                receiver.accept(msg.chunk)
+                ti, k = receiver.accept(msg.chunk)
+                if disk is not None:
+                    disk.record(ti, k)
                 if progress:
                     progress.update(receiver.bytes_received)
             if receiver is None:
                 raise WireError("manifest", "empty download stream")
-            is_delta = bool(receiver.manifest.base_version)
-            state = receiver.finish(verify_digest=True, base=base if is_delta else None)
-            stats.seconds = time.perf_counter() - t0
-            stats.bytes = receiver.bytes_received
-            stats.version = receiver.manifest.digest
-            stats.exact = is_delta or receiver.lossless
-            stats.deltas = int(is_delta)
-            return state, stats
+            return _finish_download(receiver, disk, base, stats, t0)
+        except _Restart:
+            stream.cancel()
+            continue
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
-            if code not in RETRYABLE or stats.attempts > retries:
+            if dog.fired:
+                stats.stalls += 1
+            progressed = receiver is not None and receiver.bytes_received > held_before
+            failures = 1 if progressed else failures + 1
+            if code not in RETRYABLE or failures > limits.retries:
                 raise
-            log.warning("download broke (%s: %s); resuming at %s", code.name, exc.details(),  # type: ignore
+            log.warning("download broke (%s%s); resuming at %s", "no progress for %.0f s, " % limits.stall_s
+                        if dog.fired else "", f"{code.name}: {exc.details()}",  # type: ignore[attr-defined]
                         _pos(receiver.next_position() if receiver else None))
-            backoff(stats.attempts)
+            backoff(failures)
+        finally:
+            dog.close()
+
+
+def _finish_download(receiver: StateReceiver, store: DownloadStore | None, base: Mapping[str, torch.Tensor] | None,
+                     stats: TransferStats, t0: float) -> tuple[dict[str, torch.Tensor], TransferStats]:
+    is_delta = bool(receiver.manifest.base_version)
+    try:
+        state = receiver.finish(verify_digest=True, base=base if is_delta else None)
+    except WireError:
+        if store is not None:
+            store.discard()  # what is on disk is wrong: never resume from it again
+        raise
+    stats.seconds = time.perf_counter() - t0
+    stats.bytes = receiver.bytes_received
+    stats.version = receiver.manifest.digest
+    stats.exact = is_delta or receiver.lossless
+    stats.deltas = int(is_delta)
+    if store is not None:
+        store.complete(exact=stats.exact)
+    return state, stats
+
+
+class _Restart(Exception):
+    """Internal: the download found chunks on disk and starts a new stream after them."""
 
 
 def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str, torch.Tensor],
-           spec: TransferSpec, retries: int, backoff: Callable[[int], None],
-           timeout: float | None = None,
+           spec: TransferSpec, limits: Limits, backoff: Callable[[int], None], resume: bool = False,
            on_progress: Callable[[int], None] | None = None) -> tuple[pb.UploadReply, TransferStats]:
-    """Stream an update; after a break ask the server what it holds and resume there."""
+    """Stream an update; after a break (or with `resume`, after a restart) ask the server where to resume."""
     encoder = StateEncoder(state, spec)
     header.manifest.CopyFrom(encoder.manifest)
     stats = TransferStats()
     start: pb.Position | None = None
+    if resume:
+        start, done = _resume_point(stub, header)
+        if done:
+            return pb.UploadReply(complete=True, digest=encoder.manifest.digest), stats
     t0 = time.perf_counter()
+    ever_sent: set[tuple[str, int]] = set()
+    failures = 0
     while True:
         stats.attempts += 1
         sent = {"bytes": 0, "at": 0.0}
@@ -171,46 +285,88 @@ def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str
         if start is not None:
             h.start.CopyFrom(start)
         progress = Progress("upload", encoder.manifest.wire_bytes, on_update=on_progress)
+        t_attempt = time.perf_counter()
+        # The watchdog exists before the call: gRPC may pull the first chunks before `future` returns.
+        call: list[grpc.Future] = []
+        dog = Watchdog(limits.stall_s, lambda: call[0].cancel() if call else None)
 
         def messages() -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=h)
             for chunk in encoder.chunks(start):
-                yield pb.UploadMessage(chunk=chunk)
-                sent["bytes"] += len(chunk.payload) + len(chunk.scales)
+                # Counted when handed to gRPC: a chunk lost in flight after this is a re-send next time.
+                n = len(chunk.payload) + len(chunk.scales)
+                key = (chunk.tensor, chunk.offset)
+                if key in ever_sent:
+                    stats.bytes_resent += n
+                ever_sent.add(key)
+                sent["bytes"] += n
+                if limits.pace_bps:
+                    ahead = t_attempt + sent["bytes"] / limits.pace_bps - time.perf_counter()
+                    if ahead > 0:
+                        time.sleep(ahead)
+                dog.poke()
                 progress.update(sent["bytes"])
+                yield pb.UploadMessage(chunk=chunk)
             sent["at"] = time.perf_counter()
 
+        future = stub.Upload.future(messages(), timeout=limits.deadline(encoder.manifest.wire_bytes - _done_bytes(
+            encoder, start)), wait_for_ready=True)
+        call.append(future)
+        if dog.fired:  # stalled before the call was known
+            future.cancel()
         try:
-            reply = stub.Upload(messages(), timeout=timeout)
-        except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            reply = future.result()
+        except (grpc.RpcError, grpc.FutureCancelledError) as exc:
+            code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.CANCELLED  # type: ignore
             stats.bytes += sent["bytes"]
-            if code not in RETRYABLE or stats.attempts > retries:
+            if dog.fired:
+                stats.stalls += 1
+            failures = 1 if sent["bytes"] else failures + 1
+            if code not in RETRYABLE or failures > limits.retries:
                 raise
-            log.warning("upload broke (%s: %s); asking the server where to resume", code.name,
-                        exc.details())  # type: ignore[attr-defined]
-            backoff(stats.attempts)
-            start = _resume_point(stub, header)
+            log.warning("upload broke (%s%s); asking the server where to resume",
+                        "no progress for %.0f s, " % limits.stall_s if dog.fired else "",
+                        f"{code.name}: {exc.details() if isinstance(exc, grpc.RpcError) else 'cancelled'}")  # type: ignore
+            backoff(failures)
+            start, done = _resume_point(stub, header)
+            if done:
+                stats.seconds = time.perf_counter() - t0
+                return pb.UploadReply(complete=True, digest=encoder.manifest.digest), stats
             continue
+        finally:
+            dog.close()
         done = time.perf_counter()
         stats.bytes += sent["bytes"]
         if reply.complete:
             stats.seconds = (sent["at"] or done) - t0
             stats.wait_s = done - (sent["at"] or done)
             return reply, stats
-        if stats.attempts > retries:
+        failures += 1
+        if failures > limits.retries:
             raise RuntimeError(f"upload incomplete after {stats.attempts} attempts; server holds up to "
                                f"{_pos(reply.next)}")
         start = reply.next
 
 
-def _resume_point(stub: pbg.FederationStub, header: pb.UploadHeader) -> pb.Position | None:
+def _done_bytes(encoder: StateEncoder, start: pb.Position | None) -> int:
+    """Wire bytes before `start` (exact without compression, an estimate with it)."""
+    if start is None or not encoder.manifest.wire_bytes:
+        return 0
+    total = sum(e.tensor.numel() for e in encoder.entries) or 1
+    before = sum(e.tensor.numel() for e in encoder.entries[:start.tensor_index]) + start.offset
+    return encoder.manifest.wire_bytes * before // total
+
+
+def _resume_point(stub: pbg.FederationStub, header: pb.UploadHeader) -> tuple[pb.Position | None, bool]:
+    """Where the server wants the upload to continue, and whether it already holds all of it."""
     try:
         st = stub.UploadStatus(pb.UploadStatusRequest(device_id=header.device_id, session_id=header.session_id,
                                                       task_id=header.task_id), timeout=30)
-    except grpc.RpcError:
-        return None
-    return st.next if st.known and st.HasField("next") else None
+    except grpc.RpcError as exc:
+        if exc.code() in RETRYABLE:  # type: ignore[attr-defined]
+            return None, False
+        raise
+    return (st.next if st.known and st.HasField("next") else None), st.complete
 
 
 def _pos(p: pb.Position | None) -> str:

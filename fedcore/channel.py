@@ -17,15 +17,26 @@ log = logging.getLogger("fedcore.channel")
 # A chunk of 2^24 fp32 elements plus framing; anything larger is refused by gRPC itself.
 MAX_MESSAGE_BYTES = 80 << 20
 
+KEEPALIVE_MS = 20_000
+
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Devices sit behind carrier NATs that drop idle flows after a few minutes.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
+    # Devices sit behind carrier NATs that forget idle flows after 30-120 s
+    # (some after 30 s of silence): a ping every 20 s keeps the mapping alive,
+    # also between rounds when no call is open, and a dead path is noticed
+    # 10 s after an unanswered ping instead of at the next TCP timeout.
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Server policy: accept those pings (anything faster than every 10 s
+    # without data would be answered with GOAWAY "too_many_pings").
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
     ("grpc.http2.max_pings_without_data", 0),
+    # After a link drop, reconnect within seconds of the link's return,
+    # not after gRPC's default backoff of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
 
 # The metadata key an enrollment token travels in (gRPC's standard bearer form).

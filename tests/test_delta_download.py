@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedclient.transfer import fetch, upload
+from fedclient.transfer import Limits, fetch, upload
 from fedcore.wire import TransferSpec, codec_name, digest, encoding_name, unique_tensors
 from fedserver.storage import RoundLog
 from fedtune.v1 import fedtune_pb2 as pb
@@ -34,7 +34,7 @@ def train_and_upload(stub, sid: str, task: pb.Task, held: dict[str, torch.Tensor
                         chunk_elems=up.chunk_elems, payload="delta")
     header = pb.UploadHeader(device_id="d1", session_id=sid, task_id=task.task_id, round=task.round,
                              base_version=task.model_version, num_samples=5)
-    reply, ust = upload(stub, header, tied, spec, 0, no_backoff)
+    reply, ust = upload(stub, header, tied, spec, Limits(retries=0), no_backoff)
     assert reply.complete
     stub.ReportMetrics(pb.RoundMetrics(device_id="d1", session_id=sid, task_id=task.task_id, round=task.round,
                                        t_up_s=ust.seconds, t_comp_s=1.0, bytes_up=ust.bytes, num_samples=5,
@@ -61,7 +61,7 @@ def test_delta_downloads_match_the_global_digest_and_old_versions_get_the_full_m
             assert task.kind == pb.Task.TRAIN and task.round == rnd
             if start_from is not None:
                 held, held_version = kept[start_from]  # rounds 4, 5: a device that sat out some rounds
-            state, st = fetch(stub, "d1", sid, task.model_version, held, held_version, 0, no_backoff)
+            state, st = fetch(stub, "d1", sid, task.model_version, held, held_version, Limits(retries=0), no_backoff)
             assert digest(state) == task.model_version == srv.coord.version, rnd
             assert st.deltas == deltas, (rnd, st.deltas)
             assert st.exact

@@ -244,7 +244,7 @@ def test_nan_and_oversized_updates_are_refused_and_the_round_goes_on(tmp_path, p
 
 def _upload(ch: grpc.Channel, dev: str, sid: str, task: pb.Task, canonical: dict[str, torch.Tensor],
             like: dict[str, torch.Tensor], payload: str = "weights") -> pb.UploadReply:
-    from fedclient.transfer import upload
+    from fedclient.transfer import Limits, upload
     from fedcore.wire import TransferSpec, codec_name, encoding_name
 
     state = {}
@@ -261,7 +261,7 @@ def _upload(ch: grpc.Channel, dev: str, sid: str, task: pb.Task, canonical: dict
     def no_retry(_a: int) -> None:
         raise AssertionError("no retries expected")
 
-    reply, _ = upload(pbg.FederationStub(ch), hdr, state, spec, 0, no_retry, timeout=120)
+    reply, _ = upload(pbg.FederationStub(ch), hdr, state, spec, Limits(retries=0, stall_s=120), no_retry)
     return reply
 
 

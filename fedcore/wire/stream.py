@@ -174,7 +174,8 @@ class StateReceiver:
         self._decomp = Decompressor()
 
     # -------------------------------------------------------------- checks
-    def accept(self, c: pb.Chunk) -> None:
+    def accept(self, c: pb.Chunk) -> tuple[int, int]:
+        """Check chunk `c` and write it into place; returns its (tensor index, chunk number)."""
         i = self.index.get(c.tensor)
         if i is None:
             raise WireError("unknown_tensor", f"chunk for unknown tensor {c.tensor!r}")
@@ -217,6 +218,14 @@ class StateReceiver:
         self.received[i][k] = 1
         self.chunks_received += 1
         self.bytes_received += len(c.payload) + len(c.scales)
+        return i, k
+
+    def mark_held(self, tensor_index: int, chunk: int) -> None:
+        """Count a chunk its destination already holds (a transfer resumed from disk after a restart)."""
+        if not 0 <= tensor_index < len(self.received) or not 0 <= chunk < len(self.received[tensor_index]):
+            raise WireError("offset", f"held chunk {chunk} of tensor {tensor_index} is outside the manifest")
+        self.received[tensor_index][chunk] = 1
+        self._cursor = (0, 0)
 
     # ----------------------------------------------------------- progress
     def next_position(self) -> pb.Position | None:

@@ -159,7 +159,7 @@ class JoinReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., model_config_json: _Optional[str] = ..., poll_seconds: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed")
+    __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed", "local_samples")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class TrainingSettings(_message.Message):
     MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     local_steps: int
     batch_size: int
@@ -176,7 +177,8 @@ class TrainingSettings(_message.Message):
     max_input_tokens: int
     max_target_tokens: int
     seed: int
-    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    local_samples: int
+    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., local_samples: _Optional[int] = ...) -> None: ...
 
 class TransferSettings(_message.Message):
     __slots__ = ("encoding", "codec", "zstd_level", "block_size", "chunk_elems", "payload", "error_feedback")
