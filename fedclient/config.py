@@ -35,6 +35,20 @@ class ClientConfig:
     retry_initial_s: float = field(default=1.0, metadata=described("first reconnect delay"))
     retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)"))
     transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload"))
+    stall_timeout_s: float = field(default=60.0, metadata=described("cancel and resume a transfer that moved no chunk "
+                                                                    "for this long"))
+    transfer_timeout_floor_s: float = field(default=60.0, metadata=described("shortest deadline of one transfer attempt"))
+    transfer_timeout_safety: float = field(default=3.0, metadata=described("transfer deadline: this x bytes left / "
+                                                                           "measured link rate (floor above)"))
+    max_upload_mbit: float = field(default=0.0, metadata=described("cap this device's upload rate in Mbit/s, e.g. to "
+                                                                   "leave a shared uplink usable (0: no cap)"))
+    state_dir: Path | None = field(default=None, metadata=described(
+        "directory for state kept across restarts: partial downloads, pending uploads and the error-feedback "
+        "residual (unset: kept in memory only)"))
+    # heterogeneity
+    compute_slowdown: float = field(default=1.0, metadata=described("EMULATION of a slower device: sleep (factor-1) x "
+                                                                    "each measured training step (1: off)"))
+    max_batch_size: int = field(default=0, metadata=described("largest minibatch this device fits (0: the server's)"))
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
     # security: TLS unless insecure is set explicitly
     tls_ca: Path | None = field(default=None, metadata=described("CA that signed the server certificate (PEM; "
@@ -53,8 +67,6 @@ class ClientConfig:
     metrics_listen: str = field(default="", metadata=described(
         "host:port for Prometheus /metrics, plain HTTP: localhost or a management network only "
         "(e.g. 127.0.0.1:9465; empty: off)"))
-    state_dir: Path | None = field(default=None, metadata=described(
-        "directory for state kept across restarts (the error-feedback residual); unset: kept in memory only"))
 
     def validate(self) -> None:
         if ":" not in self.server:
@@ -72,6 +84,12 @@ class ClientConfig:
             raise ValueError(f"power_source must be auto, none, ina3221, nvml or rapl, got {self.power_source!r}")
         if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise ValueError("need 0 < retry_initial_s <= retry_max_s")
+        if self.compute_slowdown < 1:
+            raise ValueError(f"compute_slowdown must be >= 1, got {self.compute_slowdown}")
+        if self.stall_timeout_s <= 0 or self.transfer_timeout_floor_s <= 0 or self.transfer_timeout_safety < 1:
+            raise ValueError("need stall_timeout_s > 0, transfer_timeout_floor_s > 0, transfer_timeout_safety >= 1")
+        if self.max_batch_size < 0:
+            raise ValueError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
         if self.metrics_listen:
             split_listen(self.metrics_listen)
         self.security().validate()

@@ -5,7 +5,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import grpc
 import psutil
@@ -27,8 +27,12 @@ from fedtune.v1 import fedtune_pb2_grpc as pbg
 from .config import ClientConfig
 from .metrics import DeviceStats, client_registry
 from .feedback import load_residual, save_residual
+from .statedir import LinkRates, PendingUpload, StateDir
 from .trainer import TrainSettings, train_local
-from .transfer import fetch, upload
+from .transfer import Limits, fetch, upload
+
+# The server turned down a task-level request (round closed, task not ours): drop that work, keep serving.
+TASK_GONE = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
 
 log = logging.getLogger("fedclient")
 
@@ -66,6 +70,18 @@ class Daemon:
         self.feedback = ErrorFeedback(load_residual(self.cfg.state_dir) if self.cfg.state_dir else None)
         self.session_id = ""
         self._stop = False
+        self.disk = StateDir(self.cfg.state_dir) if self.cfg.state_dir else None
+        self.rates = LinkRates(self.disk.root / "link.json" if self.disk else None)
+        self._last_down_bytes = 0
+        if self.disk is not None:
+            cached = self.disk.downloads.cached()
+            if cached is not None:
+                self.base_version, self.base, self.base_exact = cached
+                log.info("model %s kept on disk from before a restart%s", self.base_version[7:19],
+                         " (bit-exact: a base for broadcast deltas)" if self.base_exact else "")
+        if self.cfg.compute_slowdown > 1:
+            log.info("compute_slowdown %.2f: EMULATING a slower device (sleeping %.2f x each measured step)",
+                     self.cfg.compute_slowdown, self.cfg.compute_slowdown - 1)
         self.phase = "starting"
         self.stats = DeviceStats()
         self.notifier = Notifier()
@@ -91,6 +107,12 @@ class Daemon:
 
     def _beat(self, _done: int = 0) -> None:
         self.watchdog.beat()
+
+    def _limits(self, direction: str) -> Limits:
+        c = self.cfg
+        return Limits(retries=c.transfer_retries, stall_s=c.stall_timeout_s, floor_s=c.transfer_timeout_floor_s,
+                      safety=c.transfer_timeout_safety, rate_bps=self.rates.get(direction),
+                      pace_bps=c.max_upload_mbit * 1e6 / 8 if direction == "up" else 0.0)
 
     def stop(self) -> None:
         self._stop = True
@@ -125,8 +147,17 @@ class Daemon:
             try:
                 with open_channel(self.cfg.server, self.cfg.security()) as channel:
                     stub = pbg.FederationStub(channel)
-                    self._join(stub)
+                    try:
+                        self._join(stub)
+                    except grpc.RpcError as exc:
+                        if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,  # type: ignore[attr-defined]
+                                          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                            log.error("server refused this device: %s: %s", exc.code().name,  # type: ignore
+                                      exc.details())  # type: ignore[attr-defined]
+                            return 2
+                        raise
                     attempt = 0
+                    self._deliver_pending(stub)
                     if self._serve(stub):
                         if not self.cfg.stay_after_shutdown:
                             return 0
@@ -136,10 +167,6 @@ class Daemon:
                 self.stats.connected = False
                 self.phase = f"reconnecting to {self.cfg.server}"
                 code = exc.code()  # type: ignore[attr-defined]
-                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                            grpc.StatusCode.UNAUTHENTICATED):
-                    log.error("server refused this device: %s: %s", code.name, exc.details())  # type: ignore
-                    return 2
                 attempt += 1
                 # A refused TLS handshake also looks like UNAVAILABLE from here.
                 hint = "" if self.cfg.insecure or attempt < 3 else (
@@ -161,8 +188,9 @@ class Daemon:
             self.model.to(self.device)
             # A training step of a big model can outlast the watchdog's poll; each forward pass is progress.
             self.model.register_forward_pre_hook(lambda *_: self.watchdog.beat())
+            if self.model_config:  # the server's model changed; a model kept on disk would not match either
+                self.base, self.base_version, self.base_exact = None, "", False
             self.model_config = reply.model_config_json
-            self.base, self.base_version, self.base_exact = None, "", False
         log.info("joined %s as %s (model %s, server %s)", self.cfg.server, self.cfg.device_id,
                  reply.model_preset, reply.server_version)
         self.stats.connected = True
@@ -200,21 +228,37 @@ class Daemon:
         if not cached:
             if not self.base_exact:
                 self.base, self.base_version = None, ""  # nothing a delta could start from: free it first
-            state, dstats = fetch(stub, self.cfg.device_id, self.session_id, task.model_version,
-                                  self.base, self.base_version, self.cfg.transfer_retries, self._backoff,
-                                  on_progress=self._beat)
+            try:
+                state, dstats = fetch(stub, self.cfg.device_id, self.session_id, task.model_version,
+                                      self.base, self.base_version, self._limits("down"), self._backoff,
+                                      store=self.disk.downloads if self.disk else None,
+                                      expect_bytes=self._last_down_bytes, on_progress=self._beat)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
+                    raise
+                log.warning("round %d: %s; dropping the task", task.round, exc.details())  # type: ignore
+                return
             self.base, self.base_version, self.base_exact = state, task.model_version, dstats.exact
             t_down, bytes_down, link_down_bps, deltas = dstats.seconds, dstats.bytes, dstats.bytes_per_s, dstats.deltas
+            self.rates.update("down", bytes_down, t_down)
+            # The largest download seen sizes the next first attempt's deadline (a delta is smaller than the
+            # full model that may come next; too long a deadline is harmless, the stall watchdog still acts).
+            self._last_down_bytes = max(self._last_down_bytes, bytes_down)
             how = f" as {deltas} broadcast delta(s), digest checked" if deltas else ""
-            log.info("round %d: downloaded %.2f MB in %.2f s%s", task.round, bytes_down / 1e6, t_down, how)
+            log.info("round %d: downloaded %.2f MB in %.2f s (%d attempts)%s", task.round, bytes_down / 1e6, t_down,
+                     dstats.attempts, how)
         assert self.base is not None
         self.model.load_state_dict(self.base, strict=True)
 
         tr = task.training
-        settings = TrainSettings(local_epochs=tr.local_epochs, local_steps=tr.local_steps, batch_size=tr.batch_size,
+        batch = min(tr.batch_size, self.cfg.max_batch_size) if self.cfg.max_batch_size else tr.batch_size
+        steps = -(-tr.local_samples // batch) if tr.local_samples > 0 else tr.local_steps
+        # Seeded per (run seed, round, device): a retrained round yields the same update bit for bit.
+        settings = TrainSettings(local_epochs=tr.local_epochs, local_steps=steps, batch_size=batch,
                                  learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
                                  max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
-                                 seed=tr.seed + _stable_hash(self.cfg.device_id))
+                                 seed=tr.seed + _stable_hash(self.cfg.device_id),
+                                 compute_slowdown=self.cfg.compute_slowdown)
         self.phase = f"round {task.round}: training"
         meter = power.PowerMeter(self.power_source, hz=self.cfg.power_hz).start()
         try:
@@ -222,9 +266,10 @@ class Daemon:
         finally:
             reading = meter.stop()
         hw = figures(result.tokens, result.t_comp_s, result.model_flops, self.hardware.peak_flops, reading)
-        log.info("round %d: %d steps, %d tokens in %.2f s (%.0f tokens/s), loss %.4f; %s", task.round,
-                 result.steps, result.tokens, result.t_comp_s, result.tokens_per_s, result.mean_loss,
-                 describe(hw))
+        log.info("round %d: %d steps x batch %d, %d tokens in %.2f s (%.0f tokens/s%s), loss %.4f; %s", task.round,
+                 result.steps, batch, result.tokens, result.t_comp_s, result.tokens_per_s,
+                 f", {result.emulated_sleep_s:.2f} s EMULATED slowdown" if result.emulated_sleep_s else "",
+                 result.mean_loss, describe(hw))
 
         up = task.upload
         spec = TransferSpec(encoding=encoding_name(up.encoding), codec=codec_name(up.codec),
@@ -238,44 +283,96 @@ class Daemon:
             if up.error_feedback:
                 state, _, residual = self.feedback.compensate(state, spec.encoding_id, spec.block_size,
                                                               spec.chunk_elems)
-        header = pb.UploadHeader(device_id=self.cfg.device_id, session_id=self.session_id, task_id=task.task_id,
-                                 round=task.round, base_version=task.model_version, num_samples=result.samples)
+        st = result.step_times
+        extra = {"tokens_per_s": result.tokens_per_s, "steps": float(result.steps), "batch_size": float(batch),
+                 "compute_slowdown": self.cfg.compute_slowdown, "emulated_sleep_s": result.emulated_sleep_s,
+                 "download_deltas": float(deltas)}
+        if link_down_bps > 0:
+            # Link rates as this device measured them, for the server's link-aware encoding choice.
+            extra["link_down_bps"] = link_down_bps
+        extra.update({k: hw[k] for k in NUMERIC_KEYS if hw[k] is not None})
+        metrics = {"t_down_s": t_down, "t_comp_s": result.t_comp_s, "bytes_down": bytes_down,
+                   "tokens": result.tokens, "train_loss": result.mean_loss, "download_cached": cached,
+                   "step_times": {"batch_loading_s": st.batch_loading_s, "forward_s": st.forward_s,
+                                  "loss_s": st.loss_s, "backward_s": st.backward_s,
+                                  "optimizer_step_s": st.optimizer_step_s, "steps": st.steps},
+                   "extra": extra, "power_source": hw["power_source"] or "", "hardware": self.hardware.name}
+        pending = PendingUpload(task_id=task.task_id, round=task.round, base_version=task.model_version,
+                                num_samples=result.samples, spec=asdict(spec), metrics=metrics)
+        if self.disk is not None:
+            # On disk before the first byte leaves: a restart delivers this update instead of training again,
+            # and commits the error-feedback residual that goes with it once the server holds it.
+            self.disk.uploads.save(pending, [(e.name, state[e.name], e.aliases) for e in entries], residual)
         tied = {a: state[e.name] for e in entries for a in (e.name, *e.aliases)}
-        self.phase = f"round {task.round}: uploading"
-        reply, ustats = upload(stub, header, tied, spec, self.cfg.transfer_retries, self._backoff,
-                               on_progress=self._beat)
-        log.info("round %d: uploaded %.2f MB (%s %s/%s) in %.2f s (+%.3f s server ack)", task.round,
-                 ustats.bytes / 1e6, spec.payload, spec.encoding, spec.codec, ustats.seconds, ustats.wait_s)
-        extra = {"tokens_per_s": result.tokens_per_s, "steps": float(result.steps), "download_deltas": float(deltas)}
+        self._send(stub, pending, tied, residual, resume=False)
+
+    def _deliver_pending(self, stub: pbg.FederationStub) -> None:
+        """After a (re)join: send the update a previous process trained but did not finish uploading."""
+        if self.disk is None:
+            return
+        found = self.disk.uploads.load()
+        if found is None:
+            return
+        pending, state = found
+        log.info("round %d: resuming the upload of task %s left by a previous process", pending.round,
+                 pending.task_id[:8])
+        self._send(stub, pending, state, self.disk.uploads.residual(), resume=True)
+
+    def _send(self, stub: pbg.FederationStub, pending: PendingUpload, state: dict[str, torch.Tensor],
+              residual: dict[str, torch.Tensor] | None, resume: bool) -> None:
+        spec = TransferSpec(**pending.spec)
+        header = pb.UploadHeader(device_id=self.cfg.device_id, session_id=self.session_id, task_id=pending.task_id,
+                                 round=pending.round, base_version=pending.base_version,
+                                 num_samples=pending.num_samples)
+        self.phase = f"round {pending.round}: uploading"
+        try:
+            reply, ustats = upload(stub, header, state, spec, self._limits("up"), self._backoff, resume=resume,
+                                   on_progress=self._beat)
+        except grpc.RpcError as exc:
+            if exc.code() not in TASK_GONE:  # type: ignore[attr-defined]
+                raise  # link or server trouble: the update stays on disk for the next attempt
+            log.warning("round %d: server no longer takes task %s (%s: %s); dropping the update", pending.round,
+                        pending.task_id[:8], exc.code().name, exc.details())  # type: ignore[attr-defined]
+            if self.disk is not None:
+                self.disk.uploads.clear()
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+                raise  # maybe our session is gone (server restarted): join again
+            return
+        self.rates.update("up", ustats.bytes, ustats.seconds)
+        log.info("round %d: uploaded %.2f MB (%s %s/%s) in %.2f s (+%.3f s server ack), %d attempts, "
+                 "%d bytes re-sent", pending.round, ustats.bytes / 1e6, spec.payload, spec.encoding, spec.codec,
+                 ustats.seconds, ustats.wait_s, ustats.attempts, ustats.bytes_resent)
+        m = pending.metrics
+        extra = dict(m["extra"], bytes_resent_up=float(ustats.bytes_resent), upload_attempts=float(ustats.attempts),
+                     resumed_after_restart=float(resume))
         if residual is not None:
             # Only a residual whose delta the server acknowledged is carried on.
             self.feedback.commit(residual)
             where = save_residual(self.cfg.state_dir, residual) if self.cfg.state_dir else "kept in memory"
             extra["ef_residual_norm"] = self.feedback.norm()
-            log.info("round %d: error-feedback residual norm %.4g (%s)", task.round, extra["ef_residual_norm"], where)
-        # Link rates as this device measured them, for the server's link-aware encoding choice.
+            log.info("round %d: error-feedback residual norm %.4g (%s)", pending.round, extra["ef_residual_norm"],
+                     where)
         if ustats.bytes and ustats.seconds + ustats.wait_s > 0:
             extra["link_up_bps"] = ustats.bytes / (ustats.seconds + ustats.wait_s)
-        if link_down_bps > 0:
-            extra["link_down_bps"] = link_down_bps
-
-        extra.update({k: hw[k] for k in NUMERIC_KEYS if hw[k] is not None})
-        st = result.step_times
-        stub.ReportMetrics(pb.RoundMetrics(
-            device_id=self.cfg.device_id, session_id=self.session_id, task_id=task.task_id, round=task.round,
-            t_down_s=t_down, t_up_s=ustats.seconds, t_wait_s=ustats.wait_s, t_comp_s=result.t_comp_s,
-            bytes_down=bytes_down, bytes_up=ustats.bytes, tokens=result.tokens, train_loss=result.mean_loss,
-            num_samples=result.samples, download_cached=cached,
-            step_times=pb.StepTimes(batch_loading_s=st.batch_loading_s, forward_s=st.forward_s, loss_s=st.loss_s,
-                                    backward_s=st.backward_s, optimizer_step_s=st.optimizer_step_s,
-                                    steps=st.steps),
-            extra=extra,
-            power_source=hw["power_source"] or "", hardware=self.hardware.name), timeout=30)
+        try:
+            stub.ReportMetrics(pb.RoundMetrics(
+                device_id=self.cfg.device_id, session_id=self.session_id, task_id=pending.task_id,
+                round=pending.round, t_down_s=m["t_down_s"], t_up_s=ustats.seconds, t_wait_s=ustats.wait_s,
+                t_comp_s=m["t_comp_s"], bytes_down=m["bytes_down"], bytes_up=ustats.bytes, tokens=m["tokens"],
+                train_loss=m["train_loss"], num_samples=pending.num_samples, download_cached=m["download_cached"],
+                step_times=pb.StepTimes(**m["step_times"]), extra=extra,
+                power_source=m.get("power_source", ""), hardware=m.get("hardware", "")), timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() not in TASK_GONE:  # type: ignore[attr-defined]
+                raise
+            log.warning("round %d: metrics not taken (%s)", pending.round, exc.details())  # type: ignore
+        if self.disk is not None:
+            self.disk.uploads.clear()
         self.rounds_done += 1
-        self.stats.finish_round({"round": task.round, "t_down_s": t_down, "t_up_s": ustats.seconds,
-                                 "t_wait_s": ustats.wait_s, "t_comp_s": result.t_comp_s, "bytes_down": bytes_down,
+        self.stats.finish_round({"round": pending.round, "t_down_s": m["t_down_s"], "t_up_s": ustats.seconds,
+                                 "t_wait_s": ustats.wait_s, "t_comp_s": m["t_comp_s"], "bytes_down": m["bytes_down"],
                                  "bytes_up": ustats.bytes, "extra": dict(extra)})
-        self.phase = f"round {task.round} done, waiting for work"
+        self.phase = f"round {pending.round} done, waiting for work"
 
 
 def probe_hardware(cfg: ClientConfig, device: torch.device) -> tuple[hardware.Hardware, power.PowerSource | None]:

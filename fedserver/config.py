@@ -9,6 +9,7 @@ from fedcore.metrics import split_listen
 from fedcore.wire import TransferSpec, codec_id, encoding_id
 
 STRATEGIES = ("fedavg", "fedadam", "fedadamw", "fedyogi")
+ROUND_POLICIES = ("steps", "samples", "time")
 
 
 @dataclass
@@ -34,6 +35,20 @@ class ServerConfig:
     weight_decay: float = field(default=0.0, metadata=described("local AdamW weight decay"))
     max_input_tokens: int = field(default=512, metadata=described("dialogue tokens kept"))
     max_target_tokens: int = field(default=95, metadata=described("summary tokens kept and generated"))
+    # heterogeneous devices (after Szablewski, Sani, Lane)
+    round_policy: str = field(default="steps", metadata=described("local work per device: 'steps' (same local_steps "
+                                                            "everywhere), 'samples' (same samples: steps follow each "
+                                                            "device's batch size), 'time' (per-device steps so all "
+                                                            "finish together, from measured rates)"))
+    local_samples: int = field(default=0, metadata=described("policy 'samples': samples per device and round "
+                                                       "(0: local_steps x batch_size)"))
+    time_budget_s: float = field(default=0.0, metadata=described("policy 'time': seconds per round for download + "
+                                                           "compute + upload (0: the sampled devices' mean time "
+                                                           "for local_steps)"))
+    deadline_from_estimates: bool = field(default=False, metadata=described("round deadline from the sampled devices' "
+                                                                      "expected times (capped by round_deadline_s)"))
+    deadline_safety: float = field(default=3.0, metadata=described("deadline = this x the slowest expected time"))
+    deadline_floor_s: float = field(default=60.0, metadata=described("shortest deadline derived from estimates"))
     # aggregation
     strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi"))
     server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)"))
@@ -138,6 +153,12 @@ class ServerConfig:
             raise ValueError(f"min_updates must be 1..devices_per_round ({self.devices_per_round})")
         if self.chunk_elems % self.block_size:
             raise ValueError(f"chunk_elems ({self.chunk_elems}) must be a multiple of block_size ({self.block_size})")
+        if self.round_policy not in ROUND_POLICIES:
+            raise ValueError(f"round_policy {self.round_policy!r}: choose one of {', '.join(ROUND_POLICIES)}")
+        if self.round_policy != "steps" and self.local_steps <= 0 and self.local_samples <= 0:
+            raise ValueError(f"round_policy {self.round_policy!r} needs local_steps > 0 (or local_samples > 0)")
+        if self.deadline_safety < 1 or self.deadline_floor_s <= 0 or self.time_budget_s < 0:
+            raise ValueError("need deadline_safety >= 1, deadline_floor_s > 0 and time_budget_s >= 0")
         if ":" not in self.listen:
             raise ValueError(f"listen must be host:port, got {self.listen!r}")
         if self.max_message_bytes < self.chunk_elems * 4 + (64 << 10):

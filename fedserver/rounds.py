@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import threading
 import time
 import uuid
@@ -22,8 +23,9 @@ import torch
 
 from fedcore.config import to_dict
 from fedcore.efficiency import NUMERIC_KEYS
+from fedcore.tensorfile import map_tensors
 from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, StateReceiver, TransferSpec, WireError,
-                          apply_delta, codec_name, encoding_name, layout_of, state_digest, subtract,
+                          apply_delta, check_manifest, codec_name, encoding_name, layout_of, state_digest, subtract,
                           tensor_wire_bytes, unique_tensors)
 from fedtune.v1 import fedtune_pb2 as pb
 
@@ -63,11 +65,18 @@ class Assignment:
     device_id: str
     task_id: str
     num_samples: int = 0
-    status: str = "sampled"  # sampled -> uploading -> aggregated | late | refused
+    status: str = "sampled"  # sampled -> uploading -> aggregated (verified, staged on disk) | late | refused
     metrics: dict[str, Any] | None = None
     reason: str = ""  # why the update was refused
     bytes_in: int = 0  # wire bytes and chunks received for this task, every attempt counted
     chunks_in: int = 0
+    clip_scale: float = 1.0  # applied to the update's delta when it is folded (clip_update_norm)
+    local_steps: int = 0  # what the round policy asked of this device
+    local_samples: int = 0
+    expected_s: float | None = None  # the policy's estimate of download + compute + upload
+    staged: Path | None = None  # the verified update, on disk until the round folds it
+    manifest: pb.Manifest | None = None
+    done_at: float | None = None  # monotonic time the update was complete
 
     @property
     def settled(self) -> bool:
@@ -86,6 +95,7 @@ class RoundState:
     assignments: dict[str, Assignment]
     mean: RunningMean
     closed: bool = False
+    collected_at: float | None = None  # when the last update arrived or the deadline passed
 
     @property
     def aggregated(self) -> list[Assignment]:
@@ -103,6 +113,7 @@ class UploadSession:
         self.stream_lock = threading.Lock()
         self.max_bytes = max_bytes
         self.max_chunks = max_chunks
+        self.context: Any = None  # the gRPC context of the stream holding stream_lock
 
     def charge(self, chunk: pb.Chunk) -> None:
         """Count a chunk against the task's budget before it is checked, so no stream is endless."""
@@ -150,11 +161,16 @@ class Coordinator:
 
     def __post_init__(self) -> None:
         self.lock = threading.Condition()
-        self.registry = Registry(self.cfg.liveness_s)
         self.out = Path(self.cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.checkpoints = CheckpointDir(self.out / "checkpoints", keep=self.cfg.checkpoint_keep)
         self.round_log = RoundLog(self.out / "rounds.jsonl")
+        self.registry = Registry(self.cfg.liveness_s, self.out / "registry.json")
+        self.staging = self.out / "staging"
+        # Uploads staged by a process that died belong to a round that will run again.
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self._sent_lock = threading.Lock()
+        self._sent: dict[tuple[str, str], tuple[set[tuple[str, int]], list[int]]] = {}
         self.state = clone_state(self.state)
         self.layout = layout_of(self.state)
         self.version = state_digest(unique_tensors(self.state))
@@ -192,6 +208,7 @@ class Coordinator:
     def _resume(self) -> None:
         latest = self.checkpoints.load_latest()
         if latest is None:
+            self._reconcile_logs(0, {})
             return
         rnd, tensors, meta = latest
         model = {k: v for k, v in tensors.items() if not k.startswith((OPT_PREFIX, EF_PREFIX))}
@@ -206,11 +223,33 @@ class Coordinator:
         if opt:
             self.strategy.load_state_dict(opt)
         self.round_no = rnd
+        self._reconcile_logs(rnd, meta)
+        log.info("resumed from checkpoint of round %d (model %s)", rnd, self.version[:19])
+
+    def _reconcile_logs(self, rnd: int, meta: Mapping[str, str]) -> None:
+        """Make rounds.jsonl and summary.json agree with the checkpoint, the commit point of a round.
+
+        A crash can leave records of a round that never committed (it will
+        run again) or lose the records of one that did (the checkpoint carries
+        a copy): drop the first, restore the second, so the log has every
+        round once.
+        """
+        records = self.round_log.read()
+        kept = [r for r in records if r.get("round", 0) <= rnd]
+        if rnd and not any(r.get("round") == rnd for r in kept) and "round_records" in meta:
+            kept += json.loads(meta["round_records"])
+        if kept != records:
+            log.warning("round log: %d record(s) of uncommitted rounds dropped, %d restored from the checkpoint",
+                        sum(1 for r in records if r.get("round", 0) > rnd), max(0, len(kept) - len(records)))
+            self.round_log.rewrite(kept)
         summary_path = self.out / "summary.json"
         if summary_path.exists():
             self.summaries = [s for s in json.loads(summary_path.read_text()).get("rounds", [])
                               if s.get("round", 0) <= rnd]
-        log.info("resumed from checkpoint of round %d (model %s)", rnd, self.version[:19])
+        if rnd and not any(s.get("round") == rnd for s in self.summaries) and "round_summary" in meta:
+            self.summaries.append(json.loads(meta["round_summary"]))
+        if not rnd:
+            self.summaries = []
 
     # ------------------------------------------------------------- devices
     def join(self, device_id: str, num_samples: int, capabilities: dict[str, Any]) -> Device:
@@ -253,7 +292,8 @@ class Coordinator:
         return pb.Task(
             kind=pb.Task.TRAIN, round=cur.number, task_id=a.task_id, model_version=cur.version,
             training=pb.TrainingSettings(
-                local_epochs=c.local_epochs, local_steps=c.local_steps, batch_size=c.batch_size,
+                local_epochs=c.local_epochs, local_steps=a.local_steps, local_samples=a.local_samples,
+                batch_size=c.batch_size,
                 learning_rate=c.learning_rate, weight_decay=c.weight_decay, max_input_tokens=c.max_input_tokens,
                 max_target_tokens=c.max_target_tokens, seed=c.seed * 1000003 + cur.number),
             upload=up.settings(error_feedback=c.error_feedback),
@@ -282,6 +322,22 @@ class Coordinator:
                 enc = StateEncoder(self.state, spec, digest=self.version)
                 self._encoders[key] = enc
             return enc
+
+    def note_sent(self, device_id: str, version: str, base_version: str, chunk: pb.Chunk) -> None:
+        """Count a chunk sent towards `version` (from `base_version` for a broadcast delta, else "");
+        one sent before to the same device counts as re-sent."""
+        n = len(chunk.payload) + len(chunk.scales)
+        with self._sent_lock:
+            sent, resent = self._sent.setdefault((device_id, version), (set(), [0]))
+            key = (base_version, chunk.tensor, chunk.offset)
+            if key in sent:
+                resent[0] += n
+            sent.add(key)
+
+    def _resent_down(self, device_id: str, version: str) -> int:
+        with self._sent_lock:
+            entry = self._sent.get((device_id, version))
+            return entry[1][0] if entry else 0
 
     def _full_bytes(self, spec: TransferSpec) -> int:
         """Wire bytes of the full model at spec, before compression."""
@@ -335,9 +391,14 @@ class Coordinator:
                 nxt = sess.receiver.next_position()
                 have = (nxt.tensor_index, nxt.offset) if nxt is not None else None
                 if start != (0, 0) or have is None:
+                    if h.manifest != sess.header.manifest:
+                        raise RoundError("aborted", f"task {h.task_id}: the resumed upload's manifest differs from "
+                                                    f"the staged one; start from the beginning")
                     if have != start:
                         raise RoundError("aborted", f"resume at tensor {start[0]} offset {start[1]}, but the "
                                                     f"server holds up to {have}; ask UploadStatus")
+                    log.info("round %d: upload from %s resumes at tensor %d offset %d (%d chunks held)", cur.number,
+                             h.device_id, start[0], start[1], sess.receiver.chunks_received)
                     return sess
                 # A fresh start replaces what was staged.
             elif start != (0, 0):
@@ -347,12 +408,18 @@ class Coordinator:
             if h.manifest.chunk_elems > self.cfg.max_chunk_elems:
                 raise RoundError("exhausted", f"upload chunks of {h.manifest.chunk_elems} elements exceed this "
                                               f"server's max_chunk_elems {self.cfg.max_chunk_elems}")
-            try:
-                receiver = StateReceiver(h.manifest, expect=self.layout)
-            except WireError as exc:
-                raise RoundError("invalid", f"upload manifest rejected: {exc}") from None
             if h.manifest.payload not in (pb.WEIGHTS, pb.DELTA):
                 raise RoundError("invalid", "upload manifest must say WEIGHTS or DELTA")
+            try:
+                layouts = check_manifest(h.manifest, expect=self.layout)
+                # Staged in a mapped file, not RAM: concurrent uploads cost disk, and a partial one
+                # waits there for its device until the round ends.
+                path = self.staging / f"round-{cur.number:06d}" / f"{h.device_id}-{h.task_id}.bin"
+                dest = map_tensors(path, [(lay.name, lay.dtype, lay.shape) for lay in layouts], create=True)
+                receiver = StateReceiver(h.manifest, dest=dest, expect=self.layout)
+            except WireError as exc:
+                raise RoundError("invalid", f"upload manifest rejected: {exc}") from None
+            a.staged, a.manifest = path, h.manifest
             a.status = "uploading"
             a.num_samples = h.num_samples
             chunks = sum(len(f) for f in receiver.received)
@@ -386,7 +453,8 @@ class Coordinator:
         is_delta = sess.header.manifest.payload == pb.DELTA
         # The round's base model does not change until the round closes, so this needs no lock.
         glob = self._canonical()
-        delta = self.validated_delta(sess, canonical, glob, is_delta)
+        clip_scale = self.validated_delta(sess, canonical, glob, is_delta)
+        del canonical
         digest_value = sess.header.manifest.digest
         with self.lock:
             cur = self.current
@@ -395,18 +463,18 @@ class Coordinator:
             if cur is None or cur.closed or cur.assignments.get(a.device_id) is not a:
                 a.status = "late"
                 raise RoundError("precondition", f"round {sess.header.round} closed before the update arrived")
-            cur.mean.add(delta, float(a.num_samples))
             a.status = "aggregated"
+            a.clip_scale = clip_scale
+            a.done_at = time.monotonic()
             self.trained_on[a.device_id] = cur.version
-            if self.cfg.save_updates:
-                self._save_update(cur.number, a.device_id, canonical, a.num_samples, is_delta)
             self.lock.notify_all()
-        log.info("round %d: update from %s folded (%d samples)", cur.number, a.device_id, a.num_samples)
+        log.info("round %d: update from %s verified and staged (%d samples, %s)", cur.number, a.device_id,
+                 a.num_samples, "delta" if is_delta else "weights")
         return digest_value
 
     def validated_delta(self, sess: UploadSession, update: Mapping[str, torch.Tensor],
-                        glob: Mapping[str, torch.Tensor], is_delta: bool) -> dict[str, torch.Tensor]:
-        """update - global (fp32), refusing NaN/Inf and norms above the bound, clipped if configured."""
+                        glob: Mapping[str, torch.Tensor], is_delta: bool) -> float:
+        """Refuse NaN/Inf and norms of update - global above the bound; the clip scale for the fold (1: none)."""
         if set(update) != set(glob):
             self.refuse_upload(sess, f"tensors {sorted(set(update) ^ set(glob))[:3]} differ from the model's")
         for name, t in update.items():
@@ -424,11 +492,10 @@ class Coordinator:
         if not math.isfinite(norm) or (bound > 0 and norm > bound):
             self.refuse_upload(sess, f"update norm {norm:.4g} exceeds max_update_norm {bound:g}")
         if clip > 0 and norm > clip:
-            scale = clip / norm
-            delta = {k: d * scale for k, d in delta.items()}
             log.info("round %d: update from %s clipped from norm %.4g to %.4g", sess.header.round,
                      sess.assignment.device_id, norm, clip)
-        return delta
+            return clip / norm
+        return 1.0
 
     def refuse_upload(self, sess: UploadSession, reason: str, code: str = "invalid") -> None:
         """Refuse the task's update for good: logged with the reason, the round goes on without it."""
@@ -441,6 +508,28 @@ class Coordinator:
             self.lock.notify_all()
         log.warning("round %d: update from %s refused: %s", sess.header.round, a.device_id, reason)
         raise UpdateRefused(code, f"update refused: {reason}")
+
+    def _fold(self, cur: RoundState) -> None:
+        """Fold the round's updates in device-id order, one mapped file at a time.
+
+        Floating-point sums depend on their order; folding at the round's end
+        in a fixed order makes the new model independent of when each upload
+        arrived (a disturbed run equals an undisturbed one bit for bit), while
+        memory stays at one accumulator plus the pages of one update.
+        """
+        glob = self._canonical()
+        for a in sorted(cur.aggregated, key=lambda a: a.device_id):
+            assert a.staged is not None and a.manifest is not None
+            layouts = check_manifest(a.manifest)
+            update = map_tensors(a.staged, [(lay.name, lay.dtype, lay.shape) for lay in layouts])
+            is_delta = a.manifest.payload == pb.DELTA
+            delta = {k: (v.float() if is_delta else v.float() - glob[k].float()) * a.clip_scale
+                     for k, v in update.items() if v.is_floating_point()}
+            cur.mean.add(delta, float(a.num_samples))
+            if self.cfg.save_updates:
+                self._save_update(cur.number, a.device_id, update, a.num_samples, is_delta)
+            del update, delta
+        shutil.rmtree(self.staging / f"round-{cur.number:06d}", ignore_errors=True)
 
     def _save_update(self, rnd: int, device_id: str, state: Mapping[str, torch.Tensor], n: int, delta: bool) -> None:
         from .storage import save_checkpoint
@@ -587,13 +676,20 @@ class Coordinator:
         now = time.monotonic()
         with self.lock:
             assignments = {d: Assignment(d, uuid.uuid4().hex) for d in sampled}
+            plan = plan_work(self.cfg, {d: self.registry.devices[d].estimates for d in sampled})
+            for d, (steps, samples, expected) in plan.items():
+                assignments[d].local_steps, assignments[d].local_samples, assignments[d].expected_s = \
+                    steps, samples, expected
+            deadline_s = round_deadline(self.cfg, [a.expected_s for a in assignments.values()])
             self._choose_encodings(assignments)
             self.current = RoundState(
                 number=number, attempt=attempt, version=self.version, started=now,
-                deadline=now + self.cfg.round_deadline_s, assignments=assignments,
-                mean=RunningMean(self._canonical()))
+                deadline=now + deadline_s, assignments=assignments, mean=RunningMean(self._canonical()))
             self.lock.notify_all()
-        log.info("round %d: sampled %s", number, ", ".join(sampled))
+        log.info("round %d: sampled %s; policy %s: %s; deadline %.0f s", number, ", ".join(sampled),
+                 self.cfg.round_policy, ", ".join(
+                     f"{d} {a.local_steps} steps" if not a.local_samples else f"{d} {a.local_samples} samples"
+                     for d, a in assignments.items()), deadline_s)
         cur = self.current
         self.transfers.new_round(number)
         with self.lock:
@@ -607,6 +703,7 @@ class Coordinator:
                     break
                 self.lock.wait(min(left, 1.0))
             cur.closed = True
+            cur.collected_at = time.monotonic()
             for tid in [t for t, s in self._uploads.items() if s.assignment in cur.assignments.values()]:
                 del self._uploads[tid]
             got = cur.aggregated
@@ -621,6 +718,7 @@ class Coordinator:
             log.warning("round %d attempt %d: %d of %d updates before the deadline, need %d; retrying",
                         number, attempt, len(got), len(cur.assignments), self.cfg.min_updates)
             self._log_devices(cur)
+            shutil.rmtree(self.staging / f"round-{number:06d}", ignore_errors=True)
             return False
         self._aggregate(cur)
         return True
@@ -629,6 +727,7 @@ class Coordinator:
         self.phase = "aggregating"
         self._beat()
         t0 = time.monotonic()
+        self._fold(cur)
         aliases = self._aliases()
         mean_delta = cur.mean.mean()
         old = self._canonical()
@@ -651,12 +750,43 @@ class Coordinator:
             tensors[OPT_PREFIX + k] = v
         for k, v in self.broadcast_ef.residual.items():
             tensors[EF_PREFIX + k] = v
+        records = self._device_records(cur)
+        summary = self._summary(cur, records, ev, t_agg)
+        # The checkpoint is the round's commit point and carries its log records, so a crash
+        # between the two writes neither loses the round's records nor repeats them.
         self.checkpoints.save(cur.number, tensors, {"round": str(cur.number), "version": self.version,
-                                                    "strategy": self.strategy.name})
-        records = self._log_devices(cur)
-        self._record_round(self._summary(cur, records, ev, t_agg))
+                                                    "strategy": self.strategy.name,
+                                                    "round_records": json.dumps(records),
+                                                    "round_summary": json.dumps(summary)})
+        for rec in records:
+            self.round_log.append(rec)
+        self._record_round(summary)
+        self._update_estimates(records)
         self.last_records = records
         self.rounds_completed_here += 1
+
+    def _update_estimates(self, records: list[dict[str, Any]]) -> None:
+        """Each device's link rates and step time from this round, for the next rounds' plans."""
+        with self.lock:
+            for r in records:
+                dev = self.registry.devices.get(r["client"])
+                if dev is None or "t_comp_s" not in r:
+                    continue
+                e = dev.estimates
+                if r.get("bytes_down") and r.get("t_down_s", 0) > 0:
+                    e["down_Bps"], e["bytes_down"] = r["bytes_down"] / r["t_down_s"], float(r["bytes_down"])
+                if r.get("bytes_up") and r.get("t_up_s", 0) + r.get("t_wait_s", 0) > 0:
+                    e["up_Bps"] = r["bytes_up"] / (r["t_up_s"] + r["t_wait_s"])
+                    e["bytes_up"] = float(r["bytes_up"])
+                st = r.get("step_times") or {}
+                steps = st.get("steps") or 0
+                if steps:
+                    # Per step: measured phases plus the emulated slowdown; the rest is per-round overhead.
+                    per_step = (sum(v for k, v in st.items() if k != "steps")
+                                + (r.get("extra") or {}).get("emulated_sleep_s", 0.0)) / steps
+                    e["step_s"] = per_step
+                    e["overhead_s"] = max(0.0, r["t_comp_s"] - per_step * steps)
+            self.registry.save()
 
     def _broadcast_delta(self, old: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor],
                          aliases: Mapping[str, list[str]]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -678,7 +808,15 @@ class Coordinator:
         return apply_delta(old, received), {k: tied[k] for k in self.state}
 
     def _log_devices(self, cur: RoundState) -> list[dict[str, Any]]:
+        records = self._device_records(cur)
+        for rec in records:
+            self.round_log.append(rec)
+        return records
+
+    def _device_records(self, cur: RoundState) -> list[dict[str, Any]]:
         records = []
+        end = cur.collected_at or time.monotonic()
+        wall = max(end - cur.started, 1e-9)
         for a in cur.assignments.values():
             m = dict(a.metrics or {})
             rec: dict[str, Any] = {"round": cur.number, "attempt": cur.attempt, "client": a.device_id,
@@ -704,7 +842,18 @@ class Coordinator:
                     rec[k] = extra.get(k)
                 rec["power_source"] = m.get("power_source") or None
                 rec["hardware"] = m.get("hardware") or None
-            self.round_log.append(rec)
+            extra = m.get("extra") or {}
+            rec["policy"] = self.cfg.round_policy
+            rec["local_steps_assigned"] = a.local_steps
+            rec["local_samples_assigned"] = a.local_samples
+            rec["expected_s"] = a.expected_s
+            # Waiting for the slowest device, as a share of the round's wall time (server clock).
+            rec["idle_ratio"] = (end - a.done_at) / wall if a.done_at is not None else None
+            rec["done_s"] = a.done_at - cur.started if a.done_at is not None else None
+            rec["bytes_resent_down"] = self._resent_down(a.device_id, cur.version)
+            rec["bytes_resent_up"] = int(extra.get("bytes_resent_up", 0))
+            rec["bytes_resent"] = rec["bytes_resent_down"] + rec["bytes_resent_up"]
+            rec["compute_slowdown_emulated"] = extra.get("compute_slowdown", 1.0)
             records.append(rec)
         return records
 
@@ -731,7 +880,11 @@ class Coordinator:
             "bytes_up": sum(r.get("bytes_up", 0) for r in got),
             "tokens": sum(r.get("tokens", 0) for r in got),
             "train_loss": sum(r.get("train_loss", 0.0) * r["num_samples"] for r in got) / weight,
-            "wall_s": time.monotonic() - cur.started,
+            # Dispatch to the last update (or the deadline); aggregation and evaluation not included.
+            "wall_s": (cur.collected_at or time.monotonic()) - cur.started,
+            "policy": self.cfg.round_policy,
+            "idle_ratio_mean": (sum(r["idle_ratio"] for r in got) / len(got)) if got else None,
+            "bytes_resent": sum(r.get("bytes_resent", 0) for r in records),
             "aggregate_s": t_agg,
             "version": self.version,
             "strategy": self.strategy.name,
@@ -770,3 +923,45 @@ def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for a in e.aliases:
             out[a] = t
     return {k: out[k] for k in state}
+
+
+def _expected(e: Mapping[str, float], steps: int, batch_ratio: float = 1.0) -> float | None:
+    """Download + compute + upload seconds for `steps` steps, from a device's estimates."""
+    need = ("down_Bps", "up_Bps", "step_s", "bytes_down", "bytes_up")
+    if not all(e.get(k) for k in need[:3]) or not all(k in e for k in need):
+        return None
+    return (e["bytes_down"] / e["down_Bps"] + e["bytes_up"] / e["up_Bps"] + e.get("overhead_s", 0.0)
+            + steps * e["step_s"] * batch_ratio)
+
+
+def plan_work(cfg: ServerConfig, estimates: Mapping[str, Mapping[str, float]]) -> dict[str, tuple[int, int, float | None]]:
+    """Per device: (local_steps, local_samples, expected seconds) under cfg.round_policy.
+
+    steps: every device runs local_steps (0: local_epochs). samples: every
+    device processes the same number of samples; a device with a smaller
+    batch takes more steps. time: steps chosen per device so that download +
+    compute + upload take the same time on all (Szablewski, Sani, Lane's
+    minimal-idle policy); until every sampled device has been measured once
+    it falls back to local_steps.
+    """
+    steps = cfg.local_steps
+    if cfg.round_policy == "samples":
+        samples = cfg.local_samples or cfg.local_steps * cfg.batch_size
+        return {d: (0, samples, None) for d in estimates}
+    base = {d: _expected(e, steps) for d, e in estimates.items()}
+    if cfg.round_policy == "steps" or any(v is None for v in base.values()) or steps <= 0:
+        return {d: (steps, 0, base[d]) for d in estimates}
+    budget = cfg.time_budget_s or sum(base.values()) / len(base)  # type: ignore[arg-type]
+    plan: dict[str, tuple[int, int, float | None]] = {}
+    for d, e in estimates.items():
+        fixed = _expected(e, 0) or 0.0
+        n = max(1, int((budget - fixed) / e["step_s"]))
+        plan[d] = (n, 0, _expected(e, n))
+    return plan
+
+
+def round_deadline(cfg: ServerConfig, expected: list[float | None]) -> float:
+    """cfg.round_deadline_s, or with deadline_from_estimates a multiple of the slowest expected time."""
+    if not cfg.deadline_from_estimates or not expected or any(x is None for x in expected):
+        return cfg.round_deadline_s
+    return min(cfg.round_deadline_s, max(cfg.deadline_floor_s, cfg.deadline_safety * max(expected)))  # type: ignore

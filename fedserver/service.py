@@ -93,6 +93,8 @@ class FederationService(pbg.FederationServicer):
         try:
             yield pb.DownloadMessage(manifest=enc.manifest)
             for chunk in chunks:
+                self.coord.note_sent(request.device_id, request.model_version or enc.manifest.digest,
+                                     enc.manifest.base_version, chunk)
                 yield pb.DownloadMessage(chunk=chunk)
                 board.add(t, len(chunk.payload) + len(chunk.scales))
         except WireError as exc:
@@ -112,7 +114,22 @@ class FederationService(pbg.FederationServicer):
             _abort(context, exc)
             raise
         if not sess.stream_lock.acquire(blocking=False):
-            context.abort(grpc.StatusCode.ABORTED, f"another stream is already uploading task {header.task_id}")
+            # The device resumed, so from its side the older stream is dead; after a link drop the
+            # server may not notice that for a keepalive period. The newer stream takes over.
+            old = sess.context
+            if old is not None:
+                old.cancel()
+            if not sess.stream_lock.acquire(timeout=10.0):
+                context.abort(grpc.StatusCode.ABORTED, f"another stream is still uploading task {header.task_id}")
+        sess.context = context
+        start = (header.start.tensor_index, header.start.offset) if header.HasField("start") else (0, 0)
+        nxt = sess.receiver.next_position()
+        if start != (0, 0) and (nxt is None or (nxt.tensor_index, nxt.offset) != start):
+            # The superseded stream delivered more while it was being cancelled.
+            sess.stream_lock.release()
+            context.abort(grpc.StatusCode.ABORTED, f"the server now holds task {header.task_id} up to "
+                                                   f"{'the end' if nxt is None else (nxt.tensor_index, nxt.offset)}; "
+                                                   f"ask UploadStatus")
         board = self.coord.transfers
         t = board.begin(header.device_id, "up", header.round, header.manifest.wire_bytes,
                         done=sess.receiver.bytes_received)

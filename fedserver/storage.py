@@ -301,6 +301,13 @@ class RoundLog:
             if created:
                 _fsync_dir(self.path.parent)
 
+    def rewrite(self, records: list[Mapping[str, Any]]) -> None:
+        """Replace the whole log atomically (crash recovery drops records of uncommitted rounds)."""
+        data = "".join(json.dumps(dict(r), separators=(",", ":")) + "\n" for r in records).encode("utf-8")
+        with self._lock:
+            _atomic_write(self.path, lambda f: f.write(data))
+            self._checked_tail = True
+
     def read(self) -> list[dict[str, Any]]:
         """All records; a torn last line is skipped with a warning, other bad lines raise.
 

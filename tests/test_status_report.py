@@ -107,8 +107,10 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
 
     port = free_port()
     # poll_seconds bounds how long the finished server waits for a device that never polls again.
-    # Enough local steps that the round stays open for a few Status polls even on an idle machine.
-    cfg = tiny_server_config(tmp_path / "srv", listen=f"127.0.0.1:{port}", poll_seconds=20, local_steps=120)
+    # A few local steps, each stretched by the device's --compute-slowdown below, keep the round open
+    # for several Status polls yet well inside the round deadline (a round that overran it would be
+    # retried and the test would wait on the retry instead).
+    cfg = tiny_server_config(tmp_path / "srv", listen=f"127.0.0.1:{port}", poll_seconds=20, local_steps=8)
     write_toml(tmp_path / "server.toml", to_dict(cfg))
     log = tmp_path / "server.log"
     server = subprocess.Popen([sys.executable, "-m", "fedserver", "run", "--config", str(tmp_path / "server.toml")],
@@ -132,8 +134,11 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
                 continue
             seen.append((st.phase, health_pb2.HealthCheckResponse.ServingStatus.Name(h.status)))
             if daemon is None:
-                # Only now: a run that finished before the first poll would show nothing.
-                daemon = start_daemon(f"127.0.0.1:{port}", "dev-a", tmp_path / "a.log", fleet=fleet)
+                # Only now that this channel is connected: a daemon that joins at once could finish the
+                # round while this channel still sits in gRPC's reconnect backoff. The emulated slowdown
+                # keeps the round open long enough for the polls below to see it.
+                daemon = start_daemon(f"127.0.0.1:{port}", "dev-a", tmp_path / "a.log", "--compute-slowdown", "20",
+                                      fleet=fleet)
             if st.round_open and not joined_silent:
                 # A second device joins once dev-a holds the round's only task, then never polls:
                 # the finished server waits a poll period for it before exiting.
