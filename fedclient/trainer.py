@@ -26,6 +26,9 @@ class TrainSettings:
     max_input_tokens: int = 512
     max_target_tokens: int = 95
     seed: int = 0
+    # EMULATION of a slower device on a fast machine: after each step, sleep
+    # (compute_slowdown - 1) x that step's measured time. 1.0: off.
+    compute_slowdown: float = 1.0
 
 
 @dataclass
@@ -61,6 +64,7 @@ class TrainResult:
     @property
     def flops_per_token(self) -> float:
         return self.model_flops / self.tokens if self.tokens else 0.0
+    emulated_sleep_s: float = 0.0  # part of t_comp_s spent emulating a slower device
 
 
 def _batches(encoded: Sequence[EncodedExample], settings: TrainSettings, pad_id: int) -> Iterator[Batch]:
@@ -103,10 +107,12 @@ def train_local(
     samples = tokens = 0
     model_flops = 0.0
     shape = T5Shape.from_config(model.config)
+    slept = 0.0
     batches = _batches(encoded, settings, pad_id)
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
         torch.manual_seed(settings.seed)
         while settings.local_steps <= 0 or times.steps < settings.local_steps:
+            t_step = time.perf_counter()
             done = timed_step(model, optimizer, batches, device, times)
             if done is None:
                 break
@@ -115,6 +121,11 @@ def train_local(
             samples += host_batch.n_examples
             tokens += host_batch.n_tokens
             model_flops += batch_flops(shape, host_batch)
+            if settings.compute_slowdown > 1.0:
+                # EMULATED slower device: sleep (factor - 1) x the step's measured time.
+                pause = (settings.compute_slowdown - 1.0) * (time.perf_counter() - t_step)
+                time.sleep(pause)
+                slept += pause
 
     model.eval()
     del optimizer  # free Adam moments before returning (2x model size)
@@ -130,6 +141,7 @@ def train_local(
         step_times=times,
         losses=losses,
         model_flops=model_flops,
+        emulated_sleep_s=slept,
     )
 
 

@@ -64,6 +64,17 @@ class SimulateConfig:
     round_deadline_s: float = field(default=600.0, metadata=described("seconds a round waits for its updates"))
     threads_per_device: int = field(default=1, metadata=described("torch threads per daemon"))
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
+    round_policy: str = field(default="steps", metadata=described("steps, samples or time (see fedserver run --help)"))
+    local_samples: int = field(default=0, metadata=described("policy samples: samples per device (0: steps x batch)"))
+    time_budget_s: float = field(default=0.0, metadata=described("policy time: seconds per round (0: derived)"))
+    compute_slowdown: list[float] = field(default_factory=list, metadata=described(
+        "per device (comma-separated, one value for all): EMULATED compute slowdown factor"))
+    max_batch_size: list[int] = field(default_factory=list, metadata=described(
+        "per device (comma-separated, one value for all): largest minibatch the device fits (0: server's)"))
+    max_upload_mbit: float = field(default=0.0, metadata=described("cap every device's upload rate (Mbit/s, 0: none)"))
+    chunk_elems: int = field(default=1 << 18, metadata=described("elements per wire chunk (both directions)"))
+    stall_timeout_s: float = field(default=60.0, metadata=described("devices cancel and resume a transfer stalled "
+                                                                    "this long"))
     metrics_port: int = field(default=0, metadata=described("serve Prometheus /metrics: the server on 127.0.0.1:PORT, "
                                                             "device i on PORT+1+i (0: off)"))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
@@ -78,6 +89,9 @@ class SimulateConfig:
             raise ValueError(f"metrics_port {self.metrics_port}: the devices' ports would pass 65535")
         # Certificates are made when the run starts; check everything else now.
         dataclasses.replace(self.server_config(Path("."), 0), insecure=True).validate()
+        for name in ("compute_slowdown", "max_batch_size"):
+            if len(getattr(self, name)) not in (0, 1, self.devices):
+                raise ValueError(f"{name}: give one value or one per device ({self.devices})")
 
     def device_ids(self) -> list[str]:
         return [f"dev-{i:02d}" for i in range(self.devices)]
@@ -95,7 +109,13 @@ class SimulateConfig:
             download_payload=self.download_payload, download_delta_encoding=self.download_delta_encoding,
             link_aware=self.link_aware, link_target_g=self.link_target_g, link_byte_budget=self.link_byte_budget,
             eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates,
+            chunk_elems=self.chunk_elems, round_policy=self.round_policy, local_samples=self.local_samples,
+            time_budget_s=self.time_budget_s,
             metrics_listen=f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "", insecure=self.insecure)
+
+    def per_device(self, name: str, i: int) -> float | int | None:
+        values = getattr(self, name)
+        return None if not values else values[0] if len(values) == 1 else values[i]
 
     def client_args(self, i: int, server: str) -> list[str]:
         dev = self.device_ids()[i]
@@ -103,7 +123,13 @@ class SimulateConfig:
                 "--state-dir", str(Path(self.out) / "devices" / dev),
                 "--data-size", str(self.data_size), "--data-seed", str(self.seed), "--partitions", str(self.devices),
                 "--partition", str(i), "--alpha", str(self.alpha), "--threads", str(self.threads_per_device),
-                "--retry-initial-s", "0.5", "--retry-max-s", "5"]
+                "--retry-initial-s", "0.5", "--retry-max-s", "5", "--stall-timeout-s", str(self.stall_timeout_s),
+                "--state-dir", str(Path(self.out) / "devices" / f"dev-{i:02d}"),
+                "--max-upload-mbit", str(self.max_upload_mbit)]
+        for name in ("compute_slowdown", "max_batch_size"):
+            v = self.per_device(name, i)
+            if v is not None:
+                args += ["--" + name.replace("_", "-"), str(v)]
         if self.weights_dir:
             args += ["--weights-dir", str(self.weights_dir)]
         if self.metrics_port:
@@ -184,36 +210,13 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     echo = echo or (lambda line: print(line, flush=True))
     out = Path(cfg.out)
     logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    for stale in ("summary.json", "rounds.jsonl"):
-        (out / stale).unlink(missing_ok=True)
-    # A new run starts clean: no checkpoint to resume, no device residual from an old run.
-    for stale_dir in ("checkpoints", "devices"):
-        if (out / stale_dir).exists():
-            shutil.rmtree(out / stale_dir)
-    port = launcher.port or free_port()
-    scfg = cfg.server_config(out, port, launcher.listen_host)
-    fleet = None
-    if not cfg.insecure:
-        from .certs import write_fleet
-
-        # The server certificate must name the address the daemons dial.
-        fleet = write_fleet(out / "certs", cfg.device_ids(), [launcher.server_host, "localhost", "127.0.0.1"])
-        scfg = dataclasses.replace(scfg, **fleet.server_settings())
-    write_toml(out / "server.toml", to_dict(scfg))
-    (out / "simulate.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
-    py = sys.executable
-    procs: list[tuple[str, subprocess.Popen, TextIO]] = []
-    server_argv = launcher.wrap_server([py, "-m", "fedserver", "run", "--config", str(out / "server.toml")])
-    procs.append(("server", *_spawn(server_argv, logs / "server.log")))
-    server_addr = f"{launcher.server_host}:{port}"
+    fleet = Fleet(cfg, launcher)
+    procs = fleet.procs
+    fleet.start_server()
+    server_addr = fleet.server_addr
     for i in range(cfg.devices):
-        dev = cfg.device_ids()[i]
-        tls = fleet.client_args(dev) if fleet else ["--insecure", "true"]
-        argv = launcher.wrap_device(i, [py, "-m", "fedclient", "run", *cfg.client_args(i, server_addr), *tls])
-        procs.append((dev, *_spawn(argv, logs / f"{dev}.log")))
-    security = f"mutual TLS (certificates in {fleet.out})" if fleet else "PLAINTEXT (--insecure)"
+        fleet.start_device(i)
+    security = f"mutual TLS (certificates in {fleet.certs.out})" if fleet.certs else "PLAINTEXT (--insecure)"
     echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, preset {cfg.preset}, "
          f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {_wire(cfg)}, {cfg.strategy}, "
          f"{security}; logs in {logs}")
@@ -265,6 +268,80 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     echo(f"simulate: {cfg.rounds} rounds in {elapsed:.0f} s; wrote {out / 'rounds.jsonl'} (per device: tokens/s, "
          f"MFU, power, ...) and {out / 'summary.json'}")
     return 0
+
+
+class Fleet:
+    """The processes of one simulated run, each startable, killable and restartable on its own.
+
+    `run` drives one; resilience tests and `bench.resilience` use it to kill -9
+    a daemon or the server mid-round and start it again on the same run
+    directory and port.
+    """
+
+    def __init__(self, cfg: SimulateConfig, launcher: Launcher | None = None) -> None:
+        self.cfg, self.launcher = cfg, launcher or Launcher()
+        self.out = Path(cfg.out)
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for stale in ("summary.json", "rounds.jsonl", "registry.json"):
+            (self.out / stale).unlink(missing_ok=True)
+        # A new run starts clean: no checkpoint to resume, no device state (partial transfers, pending
+        # uploads, error-feedback residual) from an old run.
+        for stale_dir in ("checkpoints", "devices", "staging"):
+            shutil.rmtree(self.out / stale_dir, ignore_errors=True)
+        for stale_log in self.logs.glob("*.log"):
+            stale_log.unlink()
+        self.port = self.launcher.port or free_port()
+        scfg = cfg.server_config(self.out, self.port, self.launcher.listen_host)
+        self.certs = None
+        if not cfg.insecure:
+            from .certs import write_fleet
+
+            # The server certificate must name the address the daemons dial.
+            self.certs = write_fleet(self.out / "certs", cfg.device_ids(),
+                                     [self.launcher.server_host, "localhost", "127.0.0.1"])
+            scfg = dataclasses.replace(scfg, **self.certs.server_settings())
+        write_toml(self.out / "server.toml", to_dict(scfg))
+        (self.out / "simulate.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+        self.server_addr = f"{self.launcher.server_host}:{self.port}"
+        self.procs: list[tuple[str, subprocess.Popen, TextIO]] = []
+        self.starts: dict[str, int] = {}
+
+    def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        n = self.starts.get(name, 0)
+        self.starts[name] = n + 1
+        log_path = self.logs / (f"{name}.log" if n == 0 else f"{name}.{n}.log")
+        for old in [p for p in self.procs if p[0] == name]:
+            old[2].close()
+            self.procs.remove(old)
+        self.procs.insert(0 if name == "server" else len(self.procs), (name, *_spawn(argv, log_path)))
+        return self.proc(name)
+
+    def start_server(self) -> subprocess.Popen:
+        py = sys.executable
+        return self._start("server", self.launcher.wrap_server(
+            [py, "-m", "fedserver", "run", "--config", str(self.out / "server.toml")]))
+
+    def start_device(self, i: int) -> subprocess.Popen:
+        dev = self.cfg.device_ids()[i]
+        tls = self.certs.client_args(dev) if self.certs else ["--insecure", "true"]
+        argv = [sys.executable, "-m", "fedclient", "run", *self.cfg.client_args(i, self.server_addr), *tls]
+        return self._start(dev, self.launcher.wrap_device(i, argv))
+
+    def proc(self, name: str) -> subprocess.Popen:
+        return next(p for n, p, _ in self.procs if n == name)
+
+    def kill9(self, name: str) -> None:
+        """SIGKILL the process group: no handler runs, nothing is flushed or cleaned up."""
+        p = self.proc(name)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait()
+
+    def stop(self, wait_s: float = 15.0) -> None:
+        _stop_all(self.procs, wait_s)
 
 
 def _wire(cfg: SimulateConfig) -> str:

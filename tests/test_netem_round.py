@@ -1,4 +1,4 @@
-"""One tiny federated round with the server and two daemons in shaped namespaces."""
+"""Federated rounds through shaped namespaces: one tiny round; a link that goes down mid-transfer."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from bench.resilience import linkdown, linkdown_config
 from fedserver.simulate import SimulateConfig
 from fedserver.storage import RoundLog
 from netem.runner import simulate_with_links
@@ -23,9 +24,12 @@ def _need_namespaces():
         pytest.skip(str(exc))
 
 
+def ours() -> set[str]:
+    """This process's namespaces: other test runs on the machine may have theirs up."""
+    return {ns for ns in list_namespaces() if ns.startswith(f"fdt-{os.getpid()}-")}
+
+
 def test_one_tiny_round_through_a_two_device_topology(tmp_path):
-    # Only this process's namespaces: other test runs on the machine may have theirs up.
-    ours = lambda: {ns for ns in list_namespaces() if ns.startswith(f"fdt-{os.getpid()}-")}  # noqa: E731
     before = ours()
     cfg = SimulateConfig(out=tmp_path / "run", preset="tiny", rounds=1, devices=2, devices_per_round=2,
                          local_steps=1, batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=40,
@@ -42,3 +46,17 @@ def test_one_tiny_round_through_a_two_device_topology(tmp_path):
         assert rec["t_up_s"] + rec["t_wait_s"] >= 0.9 * rec["bytes_up"] * 8 / (up_mbit * 1e6)
         assert rec["t_down_s"] >= 0.9 * rec["bytes_down"] * 8 / (down_mbit * 1e6)
     assert ours() == before, "the topology left namespaces behind"
+
+
+def test_link_down_10s_during_download_and_upload(tmp_path):
+    before = ours()
+    lines: list[str] = []
+    r = linkdown(linkdown_config(tmp_path / "run"), echo=lines.append)
+    rec = r["record"]
+    assert r["code"] == 0 and rec["status"] == "aggregated", lines
+    assert len([b for b in r["breaks"] if b.startswith("download")]) >= 1, r["breaks"]
+    assert len([b for b in r["breaks"] if b.startswith("upload")]) >= 1, r["breaks"]
+    # Each stream resumes from the last verified chunk: at most the chunk in flight travels twice.
+    assert rec["bytes_resent_down"] <= r["chunk_bytes"]
+    assert rec["bytes_resent_up"] <= r["chunk_bytes"]
+    assert ours() == before
