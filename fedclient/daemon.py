@@ -16,6 +16,7 @@ from fedcore import hardware, power
 from fedcore.data import Example, dirichlet_partition, load_corpus
 from fedcore.metrics import MetricsServer, serve_metrics
 from fedcore.efficiency import NUMERIC_KEYS, figures
+from fedcore.lora import LoraSpec
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
 from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, codec_name, encoding_name, subtract,
                           unique_tensors)
@@ -28,7 +29,7 @@ from .config import ClientConfig
 from .metrics import DeviceStats, client_registry
 from .feedback import load_residual, save_residual
 from .statedir import LinkRates, PendingUpload, StateDir
-from .trainer import TrainSettings, train_local
+from .trainer import LoraAdapters, TrainSettings, train_local
 from .transfer import Limits, fetch, upload
 
 # The server turned down a task-level request (round closed, task not ours): drop that work, keep serving.
@@ -63,6 +64,7 @@ class Daemon:
         self.device = pick_device(self.cfg.device)
         self.tokenizer = load_tokenizer(self.cfg.weights_dir)
         self.model: torch.nn.Module | None = None
+        self.adapters: LoraAdapters | None = None  # set while the model carries LoRA layers
         self.model_config = ""
         self.base: dict[str, torch.Tensor] | None = None  # the global model as downloaded
         self.base_version = ""
@@ -184,13 +186,10 @@ class Daemon:
                           timeout=30, wait_for_ready=True)
         self.session_id = reply.session_id
         if reply.model_config_json != self.model_config:
-            self.model = model_from_config_json(reply.model_config_json)
-            self.model.to(self.device)
-            # A training step of a big model can outlast the watchdog's poll; each forward pass is progress.
-            self.model.register_forward_pre_hook(lambda *_: self.watchdog.beat())
             if self.model_config:  # the server's model changed; a model kept on disk would not match either
                 self.base, self.base_version, self.base_exact = None, "", False
             self.model_config = reply.model_config_json
+            self._build_model()
         log.info("joined %s as %s (model %s, server %s)", self.cfg.server, self.cfg.device_id,
                  reply.model_preset, reply.server_version)
         self.stats.connected = True
@@ -200,6 +199,30 @@ class Daemon:
             # systemd: the unit is up once the daemon is part of the fleet.
             self.notifier.ready(f"joined {self.cfg.server} as {self.cfg.device_id}")
             self._ready = True
+
+    def _build_model(self) -> None:
+        """A fresh model of the server's architecture (weights arrive with the download)."""
+        self.model = model_from_config_json(self.model_config)
+        self.model.to(self.device)
+        # A training step of a big model can outlast the watchdog's poll; each forward pass is progress.
+        self.model.register_forward_pre_hook(lambda *_: self.watchdog.beat())
+        self.adapters = None
+
+    def _load_global(self, lora: LoraSpec | None) -> None:
+        """The downloaded global model into the model to train, with LoRA layers when the task asks for them."""
+        assert self.base is not None and self.model is not None
+        if lora != (self.adapters.spec if self.adapters is not None else None):
+            if self.adapters is not None:  # peft's layers sit inside the model: start again from a plain one
+                self._build_model()
+            if lora is not None:
+                self.adapters = LoraAdapters(self.model, lora)
+                self.model.to(self.device)  # peft creates the adapter layers on the CPU
+                log.info("%s: training %d B matrices; A stays as the server sent it (FFA-LoRA)", lora.describe(),
+                         len(self.adapters.b_params))
+        if self.adapters is not None:
+            self.adapters.load(self.base)
+        else:
+            self.model.load_state_dict(self.base, strict=True)
 
     def _serve(self, stub: pbg.FederationStub) -> bool:
         """Poll for work; True when the server ends the run."""
@@ -244,11 +267,11 @@ class Daemon:
             # The largest download seen sizes the next first attempt's deadline (a delta is smaller than the
             # full model that may come next; too long a deadline is harmless, the stall watchdog still acts).
             self._last_down_bytes = max(self._last_down_bytes, bytes_down)
-            how = f" as {deltas} broadcast delta(s), digest checked" if deltas else ""
+            how = f" as {deltas} broadcast delta(s), digest checked" if deltas else (
+                " as adapters only (B), digest checked" if dstats.patched else "")
             log.info("round %d: downloaded %.2f MB in %.2f s (%d attempts)%s", task.round, bytes_down / 1e6, t_down,
                      dstats.attempts, how)
-        assert self.base is not None
-        self.model.load_state_dict(self.base, strict=True)
+        self._load_global(lora_spec(task.training))
 
         tr = task.training
         batch = min(tr.batch_size, self.cfg.max_batch_size) if self.cfg.max_batch_size else tr.batch_size
@@ -275,8 +298,12 @@ class Daemon:
         spec = TransferSpec(encoding=encoding_name(up.encoding), codec=codec_name(up.codec),
                             zstd_level=up.zstd_level or 3, block_size=up.block_size, chunk_elems=up.chunk_elems,
                             payload="delta" if up.payload == pb.DELTA else "weights")
-        entries = unique_tensors(self.model.state_dict())
-        state = {e.name: e.tensor.detach().cpu() for e in entries}
+        if self.adapters is not None:
+            state = self.adapters.trainable_state()  # FFA-LoRA: only B changed, only B travels
+            entries = unique_tensors(state)
+        else:
+            entries = unique_tensors(self.model.state_dict())
+            state = {e.name: e.tensor.detach().cpu() for e in entries}
         residual = None
         if spec.payload == "delta":
             state = subtract(state, self.base)
@@ -396,6 +423,14 @@ def describe(hw: dict) -> str:
         f"{hw['power_w']:.1f} W ({hw['power_source']}), {hw['energy_j']:.0f} J, eta_e {hw['eta_e']:.1f} tokens/s/W")
     return f"MFU {pct(hw['mfu'])}, {power_txt}"
 
+
+
+def lora_spec(training: pb.TrainingSettings) -> LoraSpec | None:
+    """The task's LoRA settings (None: full fine-tuning)."""
+    lo = training.lora
+    if lo.rank <= 0:
+        return None
+    return LoraSpec(lo.rank, lo.alpha, tuple(lo.target_modules), lo.dropout)
 
 
 def _stable_hash(text: str) -> int:

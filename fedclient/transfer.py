@@ -35,6 +35,7 @@ class TransferStats:
     version: str = ""    # download: the version now held
     exact: bool = False  # download: bit-exact (lossless encoding, or a digest-checked delta)
     deltas: int = 0      # download: broadcast deltas applied
+    patched: bool = False  # download: only the tensors that changed (LoRA's B) arrived, applied to the held version
 
     @property
     def bytes_per_s(self) -> float:
@@ -132,7 +133,8 @@ def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: st
         except WireError as exc:
             if not have or exc.kind != "digest":
                 raise
-            log.warning("delta download from %s... failed its check (%s); fetching the full model", have[7:19], exc)
+            log.warning("download against the held %s... (delta or patch) failed its check (%s); fetching the full "
+                        "model", have[7:19], exc)
             state, have = None, ""
             continue
         total.seconds += st.seconds
@@ -140,6 +142,7 @@ def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: st
         total.attempts += st.attempts
         total.stalls += st.stalls
         total.deltas += st.deltas
+        total.patched = total.patched or st.patched
         state, have, total.exact = state_, st.version, st.exact
         if have == version:
             total.version = have
@@ -241,6 +244,7 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
 
 def _finish_download(receiver: StateReceiver, store: DownloadStore | None, base: Mapping[str, torch.Tensor] | None,
                      stats: TransferStats, t0: float) -> tuple[dict[str, torch.Tensor], TransferStats]:
+    # A manifest with a base version applies to the held model: a broadcast delta, or a patch of some tensors.
     is_delta = bool(receiver.manifest.base_version)
     try:
         state = receiver.finish(verify_digest=True, base=base if is_delta else None)
@@ -252,7 +256,8 @@ def _finish_download(receiver: StateReceiver, store: DownloadStore | None, base:
     stats.bytes = receiver.bytes_received
     stats.version = receiver.manifest.digest
     stats.exact = is_delta or receiver.lossless
-    stats.deltas = int(is_delta)
+    stats.patched = is_delta and receiver.manifest.payload == pb.WEIGHTS
+    stats.deltas = int(is_delta and not stats.patched)
     if store is not None:
         store.complete(exact=stats.exact)
     return state, stats

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.config import described
+from fedcore.lora import LoraSpec, parse_targets
 from fedcore.metrics import split_listen
 from fedcore.wire import TransferSpec, codec_id, encoding_id
 
@@ -49,6 +50,14 @@ class ServerConfig:
                                                                       "expected times (capped by round_deadline_s)"))
     deadline_safety: float = field(default=3.0, metadata=described("deadline = this x the slowest expected time"))
     deadline_floor_s: float = field(default=60.0, metadata=described("shortest deadline derived from estimates"))
+    # LoRA (FFA-LoRA: A frozen at a shared init, only B trained, uploaded and averaged)
+    lora_rank: int = field(default=0, metadata=described("LoRA rank r; devices train and upload only the adapters' B "
+                                                         "matrices (0: full fine-tuning)"))
+    lora_alpha: float = field(default=0.0, metadata=described("LoRA alpha; the adapter adds (alpha / r) B A to its "
+                                                              "layer (0: 2 x lora_rank)"))
+    lora_targets: str = field(default="q,v", metadata=described("T5 linear layers that get adapters, comma-separated: "
+                                                                "q, k, v, o, wi_0, wi_1, wo, lm_head"))
+    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training"))
     # aggregation
     strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi"))
     server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)"))
@@ -170,7 +179,30 @@ class ServerConfig:
             raise ValueError(f"max_chunk_elems ({self.max_chunk_elems}) is below chunk_elems ({self.chunk_elems})")
         if self.metrics_listen:
             split_listen(self.metrics_listen)
+        self.validate_lora()
         self.validate_security()
+
+    def validate_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        spec = self.lora_spec()
+        if spec is None:
+            return
+        spec.validate()
+        if self.download_payload == "delta":
+            raise ValueError("lora_rank > 0 with download_payload = 'delta': after the first download devices "
+                             "already receive only the B matrices; set download_payload = 'weights'")
+        if self.download_encoding.lower() != "fp32":
+            raise ValueError(f"lora_rank > 0 needs download_encoding = 'fp32' (not {self.download_encoding!r}): "
+                             f"adapter-only downloads replace B in the model a device holds, which must be the "
+                             f"exact version the server sent")
+
+    def lora_spec(self) -> LoraSpec | None:
+        """The adapters' settings, or None for full fine-tuning."""
+        if self.lora_rank <= 0:
+            return None
+        return LoraSpec(self.lora_rank, self.lora_alpha or 2.0 * self.lora_rank, parse_targets(self.lora_targets),
+                        self.lora_dropout)
 
     def validate_security(self) -> None:
         if self.insecure:

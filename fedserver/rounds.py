@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from fedcore import lora
 from fedcore.config import to_dict
 from fedcore.efficiency import NUMERIC_KEYS
 from fedcore.tensorfile import map_tensors
@@ -44,6 +45,9 @@ log = logging.getLogger("fedserver.rounds")
 
 OPT_PREFIX = "server_opt/"
 EF_PREFIX = "server_ef/"  # the broadcast-delta quantization residual, checkpointed with the model
+# LoRA checkpoints hold the merged model under the model's own names (it loads into a T5 as is) and the
+# unmerged weights of the adapted layers under this prefix, so a restarted server continues exactly.
+LORA_BASE_PREFIX = "lora_base/"
 MAX_LINK_BPS = 1e12  # a reported link rate above 8 Tbit/s is a bug or a lie
 MAX_NUM_SAMPLES = 1 << 40
 
@@ -172,9 +176,18 @@ class Coordinator:
         self._sent_lock = threading.Lock()
         self._sent: dict[tuple[str, str], tuple[set[tuple[str, int]], list[int]]] = {}
         self.state = clone_state(self.state)
+        self.lora = self.cfg.lora_spec()
+        # What devices train and upload, and the strategy updates: every tensor, or with LoRA the B matrices.
+        self.trainable: list[str] | None = lora.trainable_names(self.state) if self.lora else None
+        if self.lora and not self.trainable:
+            raise ValueError("lora_rank > 0 but the global state holds no LoRA adapters")
         self.layout = layout_of(self.state)
+        self.upload_layout = self.layout if self.trainable is None else {k: self.layout[k] for k in self.trainable}
         self.version = state_digest(unique_tensors(self.state))
-        self._encoders: dict[tuple[str, int, int], StateEncoder] = {}
+        # LoRA: the versions of this run, which all share every frozen tensor (base weights and A), so a device
+        # holding any of them needs only the B matrices of the current one.
+        self.versions: list[str] = [self.version]
+        self._encoders: dict[tuple, StateEncoder] = {}  # (version, encoding, codec[, base version])
         self._uploads: dict[str, UploadSession] = {}
         self.history = DeltaHistory(self.cfg.download_delta_keep)
         self.broadcast_ef = ErrorFeedback()
@@ -190,6 +203,27 @@ class Coordinator:
     # ------------------------------------------------------------ model state
     def _canonical(self) -> dict[str, torch.Tensor]:
         return {e.name: e.tensor for e in unique_tensors(self.state)}
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        canonical = self._canonical()
+        return canonical if self.trainable is None else {k: canonical[k] for k in self.trainable}
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The global model as a plain T5 (LoRA adapters merged into their layers), ties kept."""
+        return lora.merged(self.state, self.lora.scaling) if self.lora else self.state
+
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        # Aliases included: storage keeps ties, and the model part of the file loads into a T5 as is.
+        tensors = dict(self.export_state())
+        if self.lora:
+            for m in lora.adapter_modules(self.state):
+                tensors[LORA_BASE_PREFIX + m + ".weight"] = self.state[m + ".weight"]
+            tensors.update({k: v for k, v in self.state.items() if lora.is_adapter(k)})
+        for k, v in self.strategy.state_dict().items():
+            tensors[OPT_PREFIX + k] = v
+        for k, v in self.broadcast_ef.residual.items():
+            tensors[EF_PREFIX + k] = v
+        return tensors
 
     def _aliases(self) -> dict[str, list[str]]:
         return {e.name: e.aliases for e in unique_tensors(self.state)}
@@ -211,7 +245,14 @@ class Coordinator:
             self._reconcile_logs(0, {})
             return
         rnd, tensors, meta = latest
-        model = {k: v for k, v in tensors.items() if not k.startswith((OPT_PREFIX, EF_PREFIX))}
+        written = meta.get("lora", "")
+        if written != (self.lora.describe() if self.lora else ""):
+            raise RuntimeError(f"checkpoint round {rnd} was written {'with ' + written if written else 'without LoRA'}"
+                               f", this server is set for {self.lora.describe() if self.lora else 'full fine-tuning'}; "
+                               f"use the run's settings or another --out")
+        model = {k: v for k, v in tensors.items() if not k.startswith((OPT_PREFIX, EF_PREFIX, LORA_BASE_PREFIX))}
+        # LoRA: the adapted layers' unmerged weights replace the merged ones.
+        model.update({k[len(LORA_BASE_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_BASE_PREFIX)})
         opt = {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
         self.broadcast_ef.commit({k[len(EF_PREFIX):]: v for k, v in tensors.items() if k.startswith(EF_PREFIX)})
         missing = set(self.state) - set(model)
@@ -220,6 +261,10 @@ class Coordinator:
                                f"is --out pointing at a run of another preset?")
         self.state = {k: model[k] for k in self.state}
         self.version = state_digest(unique_tensors(self.state))
+        if meta.get("version") and meta["version"] != self.version:
+            raise RuntimeError(f"checkpoint round {rnd}: its model has digest {self.version[:19]}..., the "
+                               f"checkpoint says {meta['version'][:19]}...; the file is damaged")
+        self.versions = json.loads(meta.get("versions", "[]")) or [self.version]
         if opt:
             self.strategy.load_state_dict(opt)
         self.round_no = rnd
@@ -295,7 +340,9 @@ class Coordinator:
                 local_epochs=c.local_epochs, local_steps=a.local_steps, local_samples=a.local_samples,
                 batch_size=c.batch_size,
                 learning_rate=c.learning_rate, weight_decay=c.weight_decay, max_input_tokens=c.max_input_tokens,
-                max_target_tokens=c.max_target_tokens, seed=c.seed * 1000003 + cur.number),
+                max_target_tokens=c.max_target_tokens, seed=c.seed * 1000003 + cur.number,
+                lora=pb.LoraSettings(rank=self.lora.rank, alpha=self.lora.alpha, target_modules=self.lora.targets,
+                                     dropout=self.lora.dropout) if self.lora else None),
             upload=up.settings(error_feedback=c.error_feedback),
             deadline_unix=time.time() + (cur.deadline - time.monotonic()))
 
@@ -309,6 +356,9 @@ class Coordinator:
                 raise RoundError("not_found", f"model version {version[:19]}... is not served; "
                                               f"the current version is {self.version[:19]}...")
             spec = self.cfg.download_spec()
+            if base_version and self.lora and base_version != self.version and base_version in self.versions:
+                return self._adapter_patch(device_id, base_version, spec,
+                                           spec.codec if codec == pb.CODEC_UNSPECIFIED else codec_name(codec))
             if base_version and self.cfg.download_payload == "delta" and base_version != self.version:
                 step = self._delta_step(device_id, base_version, spec)
                 if step is not None:
@@ -339,10 +389,23 @@ class Coordinator:
             entry = self._sent.get((device_id, version))
             return entry[1][0] if entry else 0
 
-    def _full_bytes(self, spec: TransferSpec) -> int:
-        """Wire bytes of the full model at spec, before compression."""
+    def _adapter_patch(self, device_id: str, base: str, spec: TransferSpec, codec: str) -> StateEncoder:
+        """LoRA: only the B matrices of the current version, to be put into the version the device holds."""
+        spec = TransferSpec(spec.encoding, codec, spec.zstd_level, 0, spec.block_size, spec.chunk_elems)
+        key = (self.version, spec.encoding_id, spec.codec_id, base)
+        enc = self._encoders.get(key)
+        if enc is None:
+            enc = StateEncoder(self._trainable(), spec, digest=self.version, base_version=base)
+            self._encoders[key] = enc
+            log.info("download for %s: adapters only, %.3f MB of B on top of its %s... (the full model is %.1f MB)",
+                     device_id, self._full_bytes(spec, self._trainable()) / 1e6, base[7:19],
+                     self._full_bytes(spec) / 1e6)
+        return enc
+
+    def _full_bytes(self, spec: TransferSpec, state: Mapping[str, torch.Tensor] | None = None) -> int:
+        """Wire bytes of the full model (or of `state`) at spec, before compression."""
         return sum(tensor_wire_bytes(e.tensor.dtype, e.tensor.numel(), spec.encoding_id, spec.block_size,
-                                     spec.chunk_elems) for e in unique_tensors(self.state))
+                                     spec.chunk_elems) for e in unique_tensors(self.state if state is None else state))
 
     def _delta_step(self, device_id: str, base: str, spec: TransferSpec) -> FrozenStream | None:
         chain = self.history.chain(base, self.version)
@@ -411,14 +474,15 @@ class Coordinator:
             if h.manifest.payload not in (pb.WEIGHTS, pb.DELTA):
                 raise RoundError("invalid", "upload manifest must say WEIGHTS or DELTA")
             try:
-                layouts = check_manifest(h.manifest, expect=self.layout)
+                layouts = check_manifest(h.manifest, expect=self.upload_layout)
                 # Staged in a mapped file, not RAM: concurrent uploads cost disk, and a partial one
                 # waits there for its device until the round ends.
                 path = self.staging / f"round-{cur.number:06d}" / f"{h.device_id}-{h.task_id}.bin"
                 dest = map_tensors(path, [(lay.name, lay.dtype, lay.shape) for lay in layouts], create=True)
-                receiver = StateReceiver(h.manifest, dest=dest, expect=self.layout)
+                receiver = StateReceiver(h.manifest, dest=dest, expect=self.upload_layout)
             except WireError as exc:
-                raise RoundError("invalid", f"upload manifest rejected: {exc}") from None
+                hint = " (LoRA: an update carries only the B matrices, <module>.lora_B.weight)" if self.lora else ""
+                raise RoundError("invalid", f"upload manifest rejected: {exc}{hint}") from None
             a.staged, a.manifest = path, h.manifest
             a.status = "uploading"
             a.num_samples = h.num_samples
@@ -443,7 +507,7 @@ class Coordinator:
     def max_update_bytes(self) -> int:
         if self.cfg.max_update_bytes > 0:
             return self.cfg.max_update_bytes
-        fp32 = sum(t.numel() * 4 for t in self._canonical().values())
+        fp32 = sum(t.numel() * 4 for t in self._trainable().values())
         return 2 * fp32 + (1 << 20)
 
     def finish_upload(self, sess: UploadSession) -> str:
@@ -452,7 +516,7 @@ class Coordinator:
         canonical = {e.name: e.tensor for e in unique_tensors(update)}
         is_delta = sess.header.manifest.payload == pb.DELTA
         # The round's base model does not change until the round closes, so this needs no lock.
-        glob = self._canonical()
+        glob = self._trainable()
         clip_scale = self.validated_delta(sess, canonical, glob, is_delta)
         del canonical
         digest_value = sess.header.manifest.digest
@@ -517,7 +581,7 @@ class Coordinator:
         arrived (a disturbed run equals an undisturbed one bit for bit), while
         memory stays at one accumulator plus the pages of one update.
         """
-        glob = self._canonical()
+        glob = self._trainable()
         for a in sorted(cur.aggregated, key=lambda a: a.device_id):
             assert a.staged is not None and a.manifest is not None
             layouts = check_manifest(a.manifest)
@@ -586,8 +650,11 @@ class Coordinator:
             chain = self.history.chain(base, self.version) if base and c.download_payload == "delta" else None
             full = self._full_bytes(c.download_spec())
             down = sum(s.stream.wire_bytes for s in chain) if chain is not None else full
+            if self.lora and base in self.versions:
+                down = self._full_bytes(c.download_spec(), self._trainable())
             choice = choose_upload_encoding(c.link_encoding_list, c.upload_encoding,
-                                            lambda enc: self._full_bytes(c.upload_spec(enc)), min(down, full),
+                                            lambda enc: self._full_bytes(c.upload_spec(enc), self._trainable()),
+                                            min(down, full),
                                             self.links.get(a.device_id), c.link_target_g, c.link_byte_budget,
                                             c.link_t_comp_s)
             a.upload_encoding, a.encoding_reason = choice.encoding, choice.reason
@@ -684,7 +751,7 @@ class Coordinator:
             self._choose_encodings(assignments)
             self.current = RoundState(
                 number=number, attempt=attempt, version=self.version, started=now,
-                deadline=now + deadline_s, assignments=assignments, mean=RunningMean(self._canonical()))
+                deadline=now + deadline_s, assignments=assignments, mean=RunningMean(self._trainable()))
             self.lock.notify_all()
         log.info("round %d: sampled %s; policy %s: %s; deadline %.0f s", number, ", ".join(sampled),
                  self.cfg.round_policy, ", ".join(
@@ -731,10 +798,11 @@ class Coordinator:
         aliases = self._aliases()
         mean_delta = cur.mean.mean()
         old = self._canonical()
-        new = self.strategy.apply(old, mean_delta)
+        new = {**old, **self.strategy.apply(self._trainable(), mean_delta)}
         step = self._broadcast_delta(old, new, aliases) if self.cfg.download_payload == "delta" else None
         with self.lock:
             self._set_global(step[0] if step else new, aliases)
+            self.versions.append(self.version)
             if step:
                 self.history.add(DeltaStep(cur.version, self.version, FrozenStream(StateEncoder(
                     step[1], self.cfg.download_delta_spec(), digest=self.version, base_version=cur.version))))
@@ -742,22 +810,19 @@ class Coordinator:
         t_agg = time.monotonic() - t0
         self.phase = "evaluating"
         self._beat()
-        ev = self.evaluator(self.state) if self.evaluator else None
+        ev = self.evaluator(self.export_state()) if self.evaluator else None
         self.phase = "checkpointing"
         self._beat()
-        tensors = dict(self.state)  # aliases included: storage keeps ties, the file loads into a model as is
-        for k, v in self.strategy.state_dict().items():
-            tensors[OPT_PREFIX + k] = v
-        for k, v in self.broadcast_ef.residual.items():
-            tensors[EF_PREFIX + k] = v
+        tensors = self._checkpoint_tensors()
         records = self._device_records(cur)
         summary = self._summary(cur, records, ev, t_agg)
         # The checkpoint is the round's commit point and carries its log records, so a crash
         # between the two writes neither loses the round's records nor repeats them.
-        self.checkpoints.save(cur.number, tensors, {"round": str(cur.number), "version": self.version,
-                                                    "strategy": self.strategy.name,
-                                                    "round_records": json.dumps(records),
-                                                    "round_summary": json.dumps(summary)})
+        meta = {"round": str(cur.number), "version": self.version, "strategy": self.strategy.name,
+                "round_records": json.dumps(records), "round_summary": json.dumps(summary)}
+        if self.lora:
+            meta.update(lora=self.lora.describe(), versions=json.dumps(self.versions))
+        self.checkpoints.save(cur.number, tensors, meta)
         for rec in records:
             self.round_log.append(rec)
         self._record_round(summary)
@@ -858,7 +923,7 @@ class Coordinator:
         return records
 
     def _baseline_summary(self) -> dict[str, Any]:
-        ev = self.evaluator(self.state) if self.evaluator else None
+        ev = self.evaluator(self.export_state()) if self.evaluator else None
         return {"round": 0, "participants": [], "version": self.version, **_eval_fields(ev)}
 
     def _summary(self, cur: RoundState, records: list[dict[str, Any]], ev: EvalRecord | None,
@@ -893,7 +958,9 @@ class Coordinator:
                            else ""),
             "upload": f"{self.cfg.upload_encoding}/{self.cfg.upload_codec}"
                       + (f" {self.cfg.upload_payload}" + (" +EF" if self.cfg.error_feedback else "")
-                         if self.cfg.upload_payload == "delta" else ""),
+                         if self.cfg.upload_payload == "delta" else "")
+                      + (" B only" if self.lora else ""),
+            **({"lora": self.lora.describe()} if self.lora else {}),
             **_eval_fields(ev),
         }
 

@@ -47,6 +47,11 @@ class SimulateConfig:
                                                                "measured link (see fedserver run --help)"))
     link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G per device"))
     link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round"))
+    lora_rank: int = field(default=0, metadata=described("LoRA rank: devices train and upload only the adapters' B "
+                                                         "matrices (0: full fine-tuning)"))
+    lora_alpha: float = field(default=0.0, metadata=described("LoRA alpha (0: 2 x lora_rank)"))
+    lora_targets: str = field(default="q,v", metadata=described("T5 linear layers that get adapters, e.g. q,v"))
+    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training"))
     strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi"))
     server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)"))
     local_epochs: int = field(default=1, metadata=described("local epochs per round"))
@@ -108,7 +113,8 @@ class SimulateConfig:
             upload_payload=self.upload_payload, error_feedback=self.error_feedback,
             download_payload=self.download_payload, download_delta_encoding=self.download_delta_encoding,
             link_aware=self.link_aware, link_target_g=self.link_target_g, link_byte_budget=self.link_byte_budget,
-            eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates,
+            lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=self.lora_targets,
+            lora_dropout=self.lora_dropout, eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates,
             chunk_elems=self.chunk_elems, round_policy=self.round_policy, local_samples=self.local_samples,
             time_budget_s=self.time_budget_s,
             metrics_listen=f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "", insecure=self.insecure)
@@ -351,6 +357,10 @@ def _wire(cfg: SimulateConfig) -> str:
     up = f"up {cfg.encoding}/{cfg.codec} {cfg.upload_payload}" + (" +EF" if cfg.error_feedback else "")
     if cfg.link_aware:
         up += " (link-aware)"
+    if cfg.lora_rank:
+        spec = cfg.server_config(Path("."), 0).lora_spec()
+        assert spec is not None
+        return f"{spec.describe()}: {down} (B only after the first), {up} (B only)"
     return f"{down}, {up}"
 
 

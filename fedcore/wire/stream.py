@@ -263,7 +263,10 @@ class StateReceiver:
 
         With `base` (a DELTA manifest naming the base version), the delta is
         added to base and the result, which must be bit-exact, is checked
-        against the manifest's digest and returned instead.
+        against the manifest's digest and returned instead. With `base` and a
+        WEIGHTS manifest naming a base version (a patch: LoRA adapters), the
+        received tensors replace base's, the rest of base is kept, and the
+        whole result is checked against the digest and returned.
         """
         pos = self.next_position()
         if pos is not None:
@@ -271,6 +274,8 @@ class StateReceiver:
             raise WireError("missing", f"stream ended before chunk {lay.name}[{pos.offset}:] arrived "
                                        f"({self.chunks_received} chunks received)")
         entries = [TensorEntry(lay.name, t, list(lay.aliases)) for lay, t in zip(self.layouts, self.tensors)]
+        if base is not None and self.manifest.payload == pb.WEIGHTS and self.manifest.base_version:
+            return self._patch(base, entries)
         if base is not None:
             if self.manifest.payload != pb.DELTA or not self.manifest.base_version:
                 raise WireError("payload", "a base was given but the manifest is not a delta from a base version")
@@ -295,3 +300,28 @@ class StateReceiver:
             for a in e.aliases:
                 out[a] = e.tensor
         return out
+
+    def _patch(self, base: Mapping[str, torch.Tensor], entries: list[TensorEntry]) -> dict[str, torch.Tensor]:
+        """base with the received tensors in place of its own (same names, dtypes and shapes), digest-checked."""
+        base_entries = unique_tensors(base)
+        held = {e.name: e for e in base_entries}
+        for e in entries:
+            b = held.get(e.name)
+            if b is None or b.aliases != e.aliases:
+                raise WireError("missing", f"the patch's tensor {e.name!r} is not a tensor of the base version")
+            if b.tensor.dtype != e.tensor.dtype or tuple(b.tensor.shape) != tuple(e.tensor.shape):
+                raise WireError("shape", f"{e.name}: the patch's {dtype_name(e.tensor.dtype)} "
+                                         f"{tuple(e.tensor.shape)} does not fit the base's "
+                                         f"{dtype_name(b.tensor.dtype)} {tuple(b.tensor.shape)}")
+        new = {e.name: e.tensor for e in entries}
+        patched = [TensorEntry(e.name, new.get(e.name, e.tensor), e.aliases) for e in base_entries]
+        got = state_digest(patched)
+        if got != self.manifest.digest:
+            raise WireError("digest", f"patch applied to {self.manifest.base_version[:19]}... gives {got[:19]}..., "
+                                      f"not the manifest's {self.manifest.digest[:19]}...")
+        out: dict[str, torch.Tensor] = {}
+        for e in patched:
+            out[e.name] = e.tensor.to(base[e.name].device) if e.name in new else e.tensor
+            for a in e.aliases:
+                out[a] = out[e.name]
+        return {k: out[k] for k in base}
