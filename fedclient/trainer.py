@@ -109,6 +109,8 @@ def train_local(
     samples = tokens = 0
     model_flops = 0.0
     shape = T5Shape.from_config(model.config)
+    # LoRA freezes the model's own weights: the backward then skips their gradients (fewer FLOPs for MFU).
+    weight_grads = any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     slept = 0.0
     batches = _batches(encoded, settings, pad_id)
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
@@ -122,7 +124,7 @@ def train_local(
             losses.append(loss)
             samples += host_batch.n_examples
             tokens += host_batch.n_tokens
-            model_flops += batch_flops(shape, host_batch)
+            model_flops += batch_flops(shape, host_batch, weight_grads)
             if settings.compute_slowdown > 1.0:
                 # EMULATED slower device: sleep (factor - 1) x the step's measured time.
                 pause = (settings.compute_slowdown - 1.0) * (time.perf_counter() - t_step)
@@ -239,8 +241,8 @@ def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     return host_batch, float(loss.detach())
 
 
-def batch_flops(shape: T5Shape, batch: Batch) -> float:
+def batch_flops(shape: T5Shape, batch: Batch, weight_grads: bool = True) -> float:
     """Model FLOPs of one step: each example at its own lengths (padding is not model work)."""
     in_lens = batch.attention_mask.sum(dim=1).tolist()
     tgt_lens = (batch.labels != IGNORE_INDEX).sum(dim=1).tolist()
-    return sum(training_flops(shape, s, t) for s, t in zip(in_lens, tgt_lens))
+    return sum(training_flops(shape, s, t, weight_grads) for s, t in zip(in_lens, tgt_lens))

@@ -16,6 +16,10 @@ V = vocab, Le/Ld = encoder/decoder layers:
     FLOPs(example) = matmuls + attention;  FLOPs/token = FLOPs(example) / (S + T)
 
 6 = 2 (multiply-add) x 3 (forward, plus backward at twice the forward).
+With frozen weights (LoRA: only the small adapters train) the backward pass
+computes the activations' gradients but not the weights', so the matmuls
+count 4 instead of 6; the attention term stays (its backward has no weights
+to skip) and the adapters' own FLOPs (rank r, under 1% at r 8) are left out.
 Embedding lookups, layer norms, softmax, activations and the relative
 position bias are not matmuls and are left out, as PaLM leaves them out;
 the decoder's causal mask is not halved (T5 computes the full score matrix).
@@ -77,15 +81,19 @@ class T5Shape:
                    gated=p.feed_forward_proj.startswith("gated"), tied_lm_head=p.tie_word_embeddings)
 
 
-def training_flops(shape: T5Shape, input_len: float, target_len: float) -> float:
-    """Model FLOPs of one training step (forward + backward) on one example; see the module docstring."""
+def training_flops(shape: T5Shape, input_len: float, target_len: float, weight_grads: bool = True) -> float:
+    """Model FLOPs of one training step (forward + backward) on one example; see the module docstring.
+
+    ``weight_grads=False``: the model's weights are frozen (LoRA), so the backward skips their gradients.
+    """
     d, a, f, V = shape.d_model, shape.attn_width, shape.d_ff, shape.vocab_size
     le, ld, m = shape.num_layers, shape.num_decoder_layers, shape.ffn_matrices
     S, T = float(input_len), float(target_len)
     per_enc_token = le * (4 * d * a + m * d * f)
     per_cross_kv_token = ld * 2 * d * a
     per_dec_token = ld * (6 * d * a + m * d * f) + d * V
-    matmuls = 6 * (S * (per_enc_token + per_cross_kv_token) + T * per_dec_token)
+    passes = 6 if weight_grads else 4
+    matmuls = passes * (S * (per_enc_token + per_cross_kv_token) + T * per_dec_token)
     attention = 12 * a * (le * S * S + ld * T * T + ld * T * S)
     return matmuls + attention
 

@@ -134,6 +134,12 @@ def test_a_is_frozen_and_identical_across_devices_and_only_b_learns(tok):
             {id(p) for p in ad.b_params.values()}, "the optimizer holds the B matrices and nothing else"
         res = train_local(model, tok, synthetic_corpus(8, seed=10 + i), settings, torch.device("cpu"))
         assert res.step_times.steps == 2 and res.step_times.backward_s > 0, "timing breakdown kept"
+        if i == 0:
+            # MFU counts what LoRA computes: the frozen weights' gradients are skipped (4 not 6 per matmul).
+            full = train_local(build_model("tiny", seed=100), tok, synthetic_corpus(8, seed=10), settings,
+                               torch.device("cpu"))
+            assert full.tokens == res.tokens
+            assert 4 / 6 < res.model_flops / full.model_flops < 0.75
         after = {ad.names[k]: v for k, v in model.state_dict().items()}
         for k in state:
             if k in b_names:
