@@ -202,6 +202,8 @@ class Daemon:
 
     def _build_model(self) -> None:
         """A fresh model of the server's architecture (weights arrive with the download)."""
+        # Drop the old model first: on a GPU two models at once may not fit (an Orin shares its memory).
+        self.model = self.adapters = None
         self.model = model_from_config_json(self.model_config)
         self.model.to(self.device)
         # A training step of a big model can outlast the watchdog's poll; each forward pass is progress.

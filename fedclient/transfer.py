@@ -131,7 +131,9 @@ def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: st
                                   base=state if have else None, base_version=have, store=store,
                                   expect_bytes=expect_bytes, on_progress=on_progress)
         except WireError as exc:
-            if not have or exc.kind != "digest":
+            # "base": what arrived does not fit the held version (names, shapes); like a failed digest, the
+            # held copy is no use for this version, but the full model still is.
+            if not have or exc.kind not in ("digest", "base"):
                 raise
             log.warning("download against the held %s... (delta or patch) failed its check (%s); fetching the full "
                         "model", have[7:19], exc)

@@ -85,6 +85,19 @@ def init_adapters(state: Mapping[str, torch.Tensor], spec: LoraSpec, seed: int) 
     modules = target_modules(state, spec.targets)
     if not modules:
         raise ValueError(f"LoRA targets {','.join(spec.targets)} match no linear layer of the model")
+    # A weight tied to another tensor (lm_head and the shared embedding of a tied T5) cannot take a merged
+    # W + sBA under one name only: loading the merged model would push the adapter into its twin too.
+    def storage(t: torch.Tensor) -> tuple:
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype, t.device
+
+    for m in modules:
+        w = state[m + ".weight"]
+        if w.device.type == "meta":  # shapes only (size estimates): no storage to compare
+            continue
+        twins = [k for k, t in state.items() if k != m + ".weight" and storage(t) == storage(w)]
+        if twins:
+            raise ValueError(f"LoRA target {m} is tied to {', '.join(twins)}; an adapter on a tied weight "
+                             f"cannot be merged: leave {m.rsplit('.', 1)[-1]} out of lora_targets")
     g = torch.Generator().manual_seed(seed * 7919 + 17)
     out: dict[str, torch.Tensor] = {}
     for m in modules:

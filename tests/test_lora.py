@@ -243,13 +243,32 @@ def test_lora_exchange_and_aggregation_round_trip(tmp_path):
         assert st.patched and st.bytes == fp32_bytes({k: new[k] for k in b_names}), "later downloads: B only"
         assert digest(state) == task2.model_version == srv.coord.version
         assert st.bytes * 50 < fp32_bytes(init)
+
+        # Round 2 starts from B != 0: weights uploads must still fold to their sample-weighted mean
+        # (a fold that took them for deltas, or diffed against the wrong base, would not).
+        start_b = {k: new[k].clone() for k in b_names}
+        assert all(v.abs().sum() > 0 for v in start_b.values())
+        sent2 = {}
+        for d, n in (("d1", 20), ("d2", 5)):
+            ch, sid, _ = devs[d]
+            stub = pbg.FederationStub(ch)
+            t = task2 if d == "d1" else stub.GetTask(pb.TaskRequest(device_id=d, session_id=sid), timeout=60)
+            while t.kind != pb.Task.TRAIN:
+                t = stub.GetTask(pb.TaskRequest(device_id=d, session_id=sid), timeout=60)
+            assert t.round == 2
+            sent2[d] = ({k: start_b[k] + torch.randn(start_b[k].shape, generator=g) * 0.01 for k in b_names}, n)
+            reply, _ = send(ch, d, sid, t, sent2[d][0], n)
+            assert reply.complete
+        wait_round(srv, 2)
+        for k in b_names:
+            torch.testing.assert_close(srv.coord.state[k], (sent2["d1"][0][k] * 20 + sent2["d2"][0][k] * 5) / 25)
     finally:
         srv.close()
 
     # A restarted server continues from the checkpoint: same model, same run versions, same A.
     again = build_coordinator(cfg)
-    assert again.round_no == 1 and again.version == srv.coord.version
-    assert again.versions == srv.coord.versions and len(again.versions) == 2
+    assert again.round_no == 2 and again.version == srv.coord.version
+    assert again.versions == srv.coord.versions and len(again.versions) == 3
     for k, v in srv.coord.state.items():
         assert torch.equal(again.state[k], v), k
     with pytest.raises(RuntimeError, match="written with LoRA r4 alpha 8 on q,v, this server is set for full"):
@@ -411,5 +430,24 @@ def test_a_patch_applies_only_to_its_base_and_must_give_the_digest():
     with pytest.raises(WireError) as e:
         receive(other)
     assert e.value.kind == "digest", "the device then falls back to the full model"
-    with pytest.raises(WireError, match="not a tensor of the base"):
+    with pytest.raises(WireError, match="not a tensor of the base") as e:
         receive({k: v for k, v in old.items() if k != b_names[0]})
+    assert e.value.kind == "base", "a held version the patch does not fit: the device fetches the full model"
+    with pytest.raises(WireError, match="does not fit the base") as e:
+        receive(dict(old, **{b_names[0]: torch.zeros(3, 3)}))
+    assert e.value.kind == "base"
+
+
+def test_an_adapter_on_a_tied_weight_is_refused():
+    # T5 v1.0 checkpoints tie lm_head to the shared embedding: W + sBA under lm_head alone would break the tie,
+    # and loading the merged model would push the adapter into the embedding as well.
+    from transformers import T5ForConditionalGeneration
+
+    cfg = t5_config("tiny")
+    cfg.tie_word_embeddings = True
+    state = T5ForConditionalGeneration(cfg).state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["shared.weight"].data_ptr()
+    with pytest.raises(ValueError, match="lm_head is tied to"):
+        lora.init_adapters(state, lora.LoraSpec(rank=4, alpha=8.0, targets=("q", "lm_head")), 0)
+    # Untied targets of the same model are fine.
+    assert lora.init_adapters(state, lora.LoraSpec(rank=4, alpha=8.0, targets=("q",)), 0)

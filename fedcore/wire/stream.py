@@ -281,7 +281,7 @@ class StateReceiver:
                 raise WireError("payload", "a base was given but the manifest is not a delta from a base version")
             missing = [lay.name for lay in self.layouts if lay.name not in base]
             if missing:
-                raise WireError("missing", f"the base lacks {len(missing)} tensor(s) of the delta, first "
+                raise WireError("base", f"the base lacks {len(missing)} tensor(s) of the delta, first "
                                            f"{missing[0]!r}")
             applied = apply_delta({lay.name: base[lay.name] for lay in self.layouts},
                                   {e.name: e.tensor for e in entries})
@@ -308,9 +308,9 @@ class StateReceiver:
         for e in entries:
             b = held.get(e.name)
             if b is None or b.aliases != e.aliases:
-                raise WireError("missing", f"the patch's tensor {e.name!r} is not a tensor of the base version")
+                raise WireError("base", f"the patch's tensor {e.name!r} is not a tensor of the base version")
             if b.tensor.dtype != e.tensor.dtype or tuple(b.tensor.shape) != tuple(e.tensor.shape):
-                raise WireError("shape", f"{e.name}: the patch's {dtype_name(e.tensor.dtype)} "
+                raise WireError("base", f"{e.name}: the patch's {dtype_name(e.tensor.dtype)} "
                                          f"{tuple(e.tensor.shape)} does not fit the base's "
                                          f"{dtype_name(b.tensor.dtype)} {tuple(b.tensor.shape)}")
         new = {e.name: e.tensor for e in entries}
