@@ -28,40 +28,41 @@ def test_training_flops_match_a_hand_computation() -> None:
     assert training_flops(plain, 3, 2) == 9768 + 2088 - 840
 
 
-def test_training_flops_equal_torchs_count_of_a_real_forward_and_backward() -> None:
+BATCH, S, T = 2, 7, 5
+
+
+def _small_t5() -> T5ForConditionalGeneration:
     cfg = T5Config(vocab_size=50, d_model=16, d_kv=4, num_heads=3, d_ff=24, num_layers=2, num_decoder_layers=3,
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                    decoder_start_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
-    model = T5ForConditionalGeneration(cfg)
-    shape = T5Shape.from_config(cfg)
-    assert parameter_count(shape) == count_parameters(model)
-    batch, s, t = 2, 7, 5
-    ids = torch.randint(1, 50, (batch, s))
-    labels = torch.randint(1, 50, (batch, t))
+    return T5ForConditionalGeneration(cfg)
+
+
+def _counted_step_flops(model: T5ForConditionalGeneration) -> int:
+    """torch's own FLOP count of one forward and backward on a random batch of BATCH x (S input, T target)."""
+    ids = torch.randint(1, 50, (BATCH, S))
+    labels = torch.randint(1, 50, (BATCH, T))
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
-    assert counter.get_total_flops() == batch * training_flops(shape, s, t)
+    return counter.get_total_flops()
+
+
+def test_training_flops_equal_torchs_count_of_a_real_forward_and_backward() -> None:
+    model = _small_t5()
+    shape = T5Shape.from_config(model.config)
+    assert parameter_count(shape) == count_parameters(model)
+    assert _counted_step_flops(model) == BATCH * training_flops(shape, S, T)
 
 
 def test_frozen_weights_count_four_not_six_per_matmul() -> None:
     # As under LoRA: no weight gradient, but activation gradients all the way down. Freezing every
     # weight except the input embedding (whose backward is a scatter, not a matmul) gives exactly that.
-    cfg = T5Config(vocab_size=50, d_model=16, d_kv=4, num_heads=3, d_ff=24, num_layers=2, num_decoder_layers=3,
-                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                   decoder_start_token_id=0, pad_token_id=0)
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(cfg)
+    model = _small_t5()
     for name, p in model.named_parameters():
         p.requires_grad_(name == "shared.weight")
-    shape = T5Shape.from_config(cfg)
-    batch, s, t = 2, 7, 5
-    ids = torch.randint(1, 50, (batch, s))
-    labels = torch.randint(1, 50, (batch, t))
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
-    frozen = training_flops(shape, s, t, weight_grads=False)
-    assert counter.get_total_flops() == batch * frozen
+    shape = T5Shape.from_config(model.config)
+    assert _counted_step_flops(model) == BATCH * training_flops(shape, S, T, weight_grads=False)
     # Hand check on the small shape of the first test: matmuls 4 * 1628 instead of 6 * 1628.
     tiny = T5Shape(d_model=4, d_kv=2, num_heads=3, d_ff=5, num_layers=1, num_decoder_layers=2, vocab_size=7)
     assert training_flops(tiny, 3, 2, weight_grads=False) == 4 * 1628 + 2088
