@@ -62,11 +62,11 @@ class TrainResult:
     step_times: StepTimes
     losses: list[float] = field(default_factory=list)  # per step, for learning curves
     model_flops: float = 0.0  # training FLOPs of the real (unpadded) lengths, fedcore.flops
+    emulated_sleep_s: float = 0.0  # part of t_comp_s spent emulating a slower device
 
     @property
     def flops_per_token(self) -> float:
         return self.model_flops / self.tokens if self.tokens else 0.0
-    emulated_sleep_s: float = 0.0  # part of t_comp_s spent emulating a slower device
 
 
 def _batches(encoded: Sequence[EncodedExample], settings: TrainSettings, pad_id: int) -> Iterator[Batch]:

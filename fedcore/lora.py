@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedcore.wire import unique_tensors
+
 A_SUFFIX = ".lora_A.weight"
 B_SUFFIX = ".lora_B.weight"
 # The nn.Linear layers of a T5 by their attribute name (T5 v1.1 / FLAN-T5 have wi_0 and wi_1, T5 v1.0 wi).
@@ -87,14 +89,12 @@ def init_adapters(state: Mapping[str, torch.Tensor], spec: LoraSpec, seed: int) 
         raise ValueError(f"LoRA targets {','.join(spec.targets)} match no linear layer of the model")
     # A weight tied to another tensor (lm_head and the shared embedding of a tied T5) cannot take a merged
     # W + sBA under one name only: loading the merged model would push the adapter into its twin too.
-    def storage(t: torch.Tensor) -> tuple:
-        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype, t.device
-
+    ties = {n: [e.name, *e.aliases] for e in unique_tensors(state) for n in (e.name, *e.aliases)}
     for m in modules:
         w = state[m + ".weight"]
-        if w.device.type == "meta":  # shapes only (size estimates): no storage to compare
+        if w.device.type == "meta":  # shapes only (size estimates): no storage to tell ties by
             continue
-        twins = [k for k, t in state.items() if k != m + ".weight" and storage(t) == storage(w)]
+        twins = [k for k in ties[m + ".weight"] if k != m + ".weight"]
         if twins:
             raise ValueError(f"LoRA target {m} is tied to {', '.join(twins)}; an adapter on a tied weight "
                              f"cannot be merged: leave {m.rsplit('.', 1)[-1]} out of lora_targets")
