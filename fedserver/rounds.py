@@ -24,7 +24,7 @@ import torch
 from fedcore import lora
 from fedcore.config import to_dict
 from fedcore.efficiency import NUMERIC_KEYS
-from fedcore.tensorfile import map_tensors
+from fedcore.tensorfile import DiskFullError, map_tensors
 from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, StateReceiver, TransferSpec, WireError,
                           apply_delta, check_manifest, codec_name, encoding_name, layout_of, state_digest, subtract,
                           tensor_wire_bytes, unique_tensors)
@@ -493,6 +493,8 @@ class Coordinator:
             except WireError as exc:
                 hint = " (LoRA: an update carries only the B matrices, <module>.lora_B.weight)" if self.lora else ""
                 raise RoundError("invalid", f"upload manifest rejected: {exc}{hint}") from None
+            except DiskFullError as exc:
+                raise self._staging_full(cur, a, exc) from None
             a.staged, a.manifest = path, h.manifest
             a.status = "uploading"
             a.claimed_samples, a.num_samples, a.weight_cut = h.num_samples, weight, cut
@@ -521,6 +523,17 @@ class Coordinator:
         if claim <= bound:
             return claim, ""
         return bound, f"claimed {claim} samples; its task was {how}: at most {bound}"
+
+    def _staging_full(self, cur: RoundState, a: Assignment, exc: DiskFullError) -> RoundError:
+        """A full staging disk refuses this upload only: the device keeps its update and retries."""
+        # A fresh start had already replaced the staged file: whatever was staged for the task is gone.
+        self._uploads.pop(a.task_id, None)
+        if a.status == "uploading":
+            a.status = "sampled"
+        log.error("round %d: upload from %s not taken: server staging dir %s is full (%s); free space there "
+                  "or move --out to a larger disk", cur.number, a.device_id, self.staging, exc)
+        return RoundError("exhausted", f"server staging dir {self.staging} is full: {exc}; keep the update "
+                                       f"and retry later")
 
     def upload_status(self, device_id: str, session_id: str, task_id: str) -> tuple[bool, pb.Position | None, bool]:
         with self.lock:
