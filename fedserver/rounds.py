@@ -24,7 +24,7 @@ import torch
 from fedcore import lora
 from fedcore.config import to_dict
 from fedcore.efficiency import NUMERIC_KEYS
-from fedcore.tensorfile import map_tensors
+from fedcore.tensorfile import DiskFullError, map_tensors
 from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, StateReceiver, TransferSpec, WireError,
                           apply_delta, check_manifest, codec_name, encoding_name, layout_of, state_digest, subtract,
                           tensor_wire_bytes, unique_tensors)
@@ -49,7 +49,9 @@ EF_PREFIX = "server_ef/"  # the broadcast-delta quantization residual, checkpoin
 # unmerged weights of the adapted layers under this prefix, so a restarted server continues exactly.
 LORA_BASE_PREFIX = "lora_base/"
 MAX_LINK_BPS = 1e12  # a reported link rate above 8 Tbit/s is a bug or a lie
-MAX_NUM_SAMPLES = 1 << 40
+# A device holding more examples than this is a typo or a lie. With local_epochs (no local_steps) the
+# samples a device registers at Join are its FedAvg weight, so this also bounds what a Join can claim.
+MAX_NUM_SAMPLES = 1 << 24
 
 
 class RoundError(Exception):
@@ -68,7 +70,10 @@ class UpdateRefused(RoundError):
 class Assignment:
     device_id: str
     task_id: str
-    num_samples: int = 0
+    num_samples: int = 0  # the update's FedAvg weight: its claim, bounded by the work its task allowed
+    registered_samples: int = 0  # what the device registered at Join when it was sampled
+    claimed_samples: int = 0  # what its upload header said
+    weight_cut: str = ""  # why num_samples is below the claim ("" when it is not)
     status: str = "sampled"  # sampled -> uploading -> aggregated (verified, staged on disk) | late | refused
     metrics: dict[str, Any] | None = None
     reason: str = ""  # why the update was refused
@@ -299,7 +304,7 @@ class Coordinator:
     # ------------------------------------------------------------- devices
     def join(self, device_id: str, num_samples: int, capabilities: dict[str, Any]) -> Device:
         if num_samples < 0 or num_samples > MAX_NUM_SAMPLES:
-            raise RoundError("invalid", f"num_samples {num_samples} is out of range")
+            raise RoundError("invalid", f"num_samples {num_samples} is out of range (0 to {MAX_NUM_SAMPLES})")
         with self.lock:
             dev = self.registry.join(device_id, num_samples, capabilities)
             self.lock.notify_all()
@@ -446,7 +451,7 @@ class Coordinator:
             if h.base_version != cur.version:
                 raise RoundError("precondition", f"update trained from {h.base_version[:19]}..., round "
                                                  f"{cur.number} is on {cur.version[:19]}...")
-            if not 0 < h.num_samples <= MAX_NUM_SAMPLES:
+            if h.num_samples <= 0:
                 raise RoundError("invalid", f"num_samples must be positive, got {h.num_samples}")
             sess = self._uploads.get(h.task_id)
             start = (h.start.tensor_index, h.start.offset) if h.HasField("start") else (0, 0)
@@ -460,6 +465,10 @@ class Coordinator:
                     if have != start:
                         raise RoundError("aborted", f"resume at tensor {start[0]} offset {start[1]}, but the "
                                                     f"server holds up to {have}; ask UploadStatus")
+                    if h.num_samples != sess.header.num_samples:
+                        raise RoundError("invalid", f"task {h.task_id}: the resumed upload claims {h.num_samples} "
+                                                    f"samples, the one it resumes claimed "
+                                                    f"{sess.header.num_samples}; resume with the same header")
                     log.info("round %d: upload from %s resumes at tensor %d offset %d (%d chunks held)", cur.number,
                              h.device_id, start[0], start[1], sess.receiver.chunks_received)
                     return sess
@@ -473,6 +482,7 @@ class Coordinator:
                                               f"server's max_chunk_elems {self.cfg.max_chunk_elems}")
             if h.manifest.payload not in (pb.WEIGHTS, pb.DELTA):
                 raise RoundError("invalid", "upload manifest must say WEIGHTS or DELTA")
+            weight, cut = self._bounded_weight(cur, a, h.num_samples)
             try:
                 layouts = check_manifest(h.manifest, expect=self.upload_layout)
                 # Staged in a mapped file, not RAM: concurrent uploads cost disk, and a partial one
@@ -483,13 +493,47 @@ class Coordinator:
             except WireError as exc:
                 hint = " (LoRA: an update carries only the B matrices, <module>.lora_B.weight)" if self.lora else ""
                 raise RoundError("invalid", f"upload manifest rejected: {exc}{hint}") from None
+            except DiskFullError as exc:
+                raise self._staging_full(cur, a, exc) from None
             a.staged, a.manifest = path, h.manifest
             a.status = "uploading"
-            a.num_samples = h.num_samples
+            a.claimed_samples, a.num_samples, a.weight_cut = h.num_samples, weight, cut
             chunks = sum(len(f) for f in receiver.received)
             sess = UploadSession(a, h, receiver, self.max_update_bytes, self.cfg.max_update_chunks or 2 * chunks + 16)
             self._uploads[h.task_id] = sess
             return sess
+
+    def _bounded_weight(self, cur: RoundState, a: Assignment, claim: int) -> tuple[int, str]:
+        """(FedAvg weight, why it is below the claim or ""): the claim, at most what the task allowed.
+
+        An update's weight is a number the device sends; alone it would let
+        one device own the next model. fedclient.trainer counts each example
+        of each step, so an honest claim never exceeds weight_bound() and is
+        never cut: honest runs keep their digests.
+        """
+        bound, how = weight_bound(a, self.cfg.batch_size, self.cfg.local_epochs)
+        if bound <= 0:
+            # No data registered: nothing an update says can be weighed. Refused for good, the round goes on.
+            a.status, a.reason = "refused", (f"device registered {a.registered_samples} samples at Join: no data "
+                                             f"to weigh an update by")
+            self._uploads.pop(a.task_id, None)
+            self.lock.notify_all()
+            log.warning("round %d: update from %s refused: %s", cur.number, a.device_id, a.reason)
+            raise UpdateRefused("invalid", f"update refused: {a.reason}")
+        if claim <= bound:
+            return claim, ""
+        return bound, f"claimed {claim} samples; its task was {how}: at most {bound}"
+
+    def _staging_full(self, cur: RoundState, a: Assignment, exc: DiskFullError) -> RoundError:
+        """A full staging disk refuses this upload only: the device keeps its update and retries."""
+        # A fresh start had already replaced the staged file: whatever was staged for the task is gone.
+        self._uploads.pop(a.task_id, None)
+        if a.status == "uploading":
+            a.status = "sampled"
+        log.error("round %d: upload from %s not taken: server staging dir %s is full (%s); free space there "
+                  "or move --out to a larger disk", cur.number, a.device_id, self.staging, exc)
+        return RoundError("exhausted", f"server staging dir {self.staging} is full: {exc}; keep the update "
+                                       f"and retry later")
 
     def upload_status(self, device_id: str, session_id: str, task_id: str) -> tuple[bool, pb.Position | None, bool]:
         with self.lock:
@@ -523,10 +567,15 @@ class Coordinator:
         with self.lock:
             cur = self.current
             a = sess.assignment
-            self._uploads.pop(sess.header.task_id, None)
             if cur is None or cur.closed or cur.assignments.get(a.device_id) is not a:
+                self._uploads.pop(sess.header.task_id, None)
                 a.status = "late"
                 raise RoundError("precondition", f"round {sess.header.round} closed before the update arrived")
+            if self._uploads.get(sess.header.task_id) is not sess:
+                # A fresh start of the same task replaced this stream's file, header and weight.
+                raise RoundError("aborted", f"task {sess.header.task_id}: a newer upload from the beginning "
+                                            f"replaced this one")
+            del self._uploads[sess.header.task_id]
             a.status = "aggregated"
             a.clip_scale = clip_scale
             a.done_at = time.monotonic()
@@ -534,6 +583,9 @@ class Coordinator:
             self.lock.notify_all()
         log.info("round %d: update from %s verified and staged (%d samples, %s)", cur.number, a.device_id,
                  a.num_samples, "delta" if is_delta else "weights")
+        if a.weight_cut:
+            log.warning("round %d: update from %s weighted %d samples, not the %d it claims: %s", cur.number,
+                        a.device_id, a.num_samples, a.claimed_samples, a.weight_cut)
         return digest_value
 
     def validated_delta(self, sess: UploadSession, update: Mapping[str, torch.Tensor],
@@ -742,7 +794,9 @@ class Coordinator:
         sampled = sorted(rng.sample(sorted(alive), min(self.cfg.devices_per_round, len(alive))))
         now = time.monotonic()
         with self.lock:
-            assignments = {d: Assignment(d, uuid.uuid4().hex) for d in sampled}
+            # The registered samples as of sampling: a rejoin with a larger number cannot raise this round's weight.
+            assignments = {d: Assignment(d, uuid.uuid4().hex, registered_samples=self.registry.devices[d].num_samples)
+                           for d in sampled}
             plan = plan_work(self.cfg, {d: self.registry.devices[d].estimates for d in sampled})
             for d, (steps, samples, expected) in plan.items():
                 assignments[d].local_steps, assignments[d].local_samples, assignments[d].expected_s = \
@@ -886,7 +940,9 @@ class Coordinator:
             m = dict(a.metrics or {})
             rec: dict[str, Any] = {"round": cur.number, "attempt": cur.attempt, "client": a.device_id,
                                    "status": a.status if a.status in ("aggregated", "refused") else "missing",
-                                   "num_samples": a.num_samples}
+                                   "num_samples": a.num_samples, "num_samples_claimed": a.claimed_samples}
+            if a.weight_cut:
+                rec["weight_cut"] = a.weight_cut
             if a.reason:
                 rec["reason"] = a.reason
             if a.upload_encoding:
@@ -990,6 +1046,24 @@ def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for a in e.aliases:
             out[a] = t
     return {k: out[k] for k in state}
+
+
+def weight_bound(a: Assignment, batch_size: int, local_epochs: int) -> tuple[int, str]:
+    """The most samples fedclient.trainer can count for `a`'s task, and the task in words.
+
+    The trainer counts every example of every step; a step takes at most
+    batch_size examples and never more than the device holds. A `samples`
+    task runs ceil(local_samples / b) steps of a batch b <= batch_size (a
+    device may cap its batch), which is at most local_samples + b - 1.
+    """
+    reg = a.registered_samples
+    per_step = min(batch_size, reg)
+    if a.local_samples > 0:
+        return (a.local_samples + per_step - 1 if reg > 0 else 0,
+                f"{a.local_samples} samples in batches of up to {per_step} of {reg} registered")
+    if a.local_steps > 0:
+        return a.local_steps * per_step, f"{a.local_steps} steps x batch {per_step} of {reg} registered samples"
+    return local_epochs * reg, f"{local_epochs} epoch(s) of {reg} registered samples"
 
 
 def _expected(e: Mapping[str, float], steps: int, batch_ratio: float = 1.0) -> float | None:
