@@ -28,6 +28,7 @@ _ROUND_CODES = {
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "aborted": grpc.StatusCode.ABORTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 _WIRE_CODES = {"checksum": grpc.StatusCode.DATA_LOSS, "digest": grpc.StatusCode.DATA_LOSS}
 
