@@ -90,7 +90,7 @@ class FederationService(pbg.FederationServicer):
                 self._poll_slots.release()
         if not held and task.kind == pb.Task.WAIT:
             # Jittered, so devices sent away together do not come back together.
-            task.retry_after_ms = int(1000 * self.coord.cfg.poll_seconds * random.uniform(0.5, 1.0))
+            task.retry_after_ms = int(1000 * max(1.0, self.coord.cfg.poll_seconds) * random.uniform(0.5, 1.0))
         return task
 
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadMessage]:
@@ -268,30 +268,28 @@ def make_server(coord: Coordinator, listen: str, max_workers: int) -> tuple[grpc
 def _bind(server: grpc.Server, listen: str, creds: grpc.ServerCredentials | None) -> int:
     """Bind exactly the port listen names; anything else (in use, out of range, another port) is an error."""
     want = _listen_port(listen)
-    # Asked first with a plain socket, so a port in use is one clear error rather than a gRPC core log line.
+    # A plain socket asks first, so a port in use is one clear error rather than a gRPC core log line.
     refusal = _bind_refusal(listen, want) if want else None
-    port = 0
     if refusal is None:
         try:
             port = server.add_insecure_port(listen) if creds is None else server.add_secure_port(listen, creds)
         except RuntimeError:  # grpcio raises on a failed bind; older versions returned 0
             port = 0
-        if port == 0 and want:
-            refusal = _bind_refusal(listen, want)
+        if port and want and port != want:
+            raise OSError(f"cannot listen on {listen}: gRPC bound port {port} instead")
+        if port:
+            return port
+        refusal = _bind_refusal(listen, want) if want else None
     if refusal is not None and refusal.errno == errno.EADDRINUSE:
         raise OSError(f"cannot listen on {listen}: address already in use (another fedserver or another program "
                       f"holds port {want})")
-    if port == 0:
-        why = (refusal.strerror or str(refusal)) if refusal is not None else "gRPC could not bind it"
-        raise OSError(f"cannot listen on {listen}: {why}")
-    if want and port != want:
-        raise OSError(f"cannot listen on {listen}: gRPC bound port {port} instead")
-    return port
+    raise OSError(f"cannot listen on {listen}: "
+                  f"{(refusal.strerror or str(refusal)) if refusal is not None else 'gRPC could not bind it'}")
 
 
 def _listen_port(listen: str) -> int | None:
     """The port of host:port (0: any free port; None: a unix socket); out of 0-65535 is refused here."""
-    if listen.startswith("unix:"):
+    if listen.startswith(("unix:", "unix-abstract:")):
         return None
     _, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
