@@ -118,7 +118,9 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _signal(signum: int, _frame: Any) -> None:
-        log.warning("signal %d: stopping after the current step", signum)
+        # A stop is not the end of the run: devices keep reconnecting until a restarted server resumes it.
+        log.warning("signal %d: stopping after the current step; a restart resumes from the last checkpoint",
+                    signum)
         not_serving()
         notifier.stopping(f"signal {signum}: stopping after the current step")
         coord.stop()
@@ -133,11 +135,17 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        # The run is over (or failed): health checks say so while the devices are told.
+        # The run is over, stopped or failed: health checks say so while the devices are told.
         not_serving()
-        notifier.stopping(f"{coord.phase} after round {coord.round_no}; telling devices")
-        # Devices learn of the end at their next poll; give them one poll period.
-        _drain(coord, cfg.poll_seconds + 2.0, watchdog.beat)
+        if coord.finished:
+            notifier.stopping(f"finished after round {coord.round_no}; telling devices")
+            # Devices learn of the end at their next poll; give them one poll period.
+            _drain(coord, cfg.poll_seconds + 2.0, watchdog.beat)
+        else:
+            # Polls are answered UNAVAILABLE: the devices back off and come back to the restarted server.
+            log.info("%s after round %d of %d; devices will reconnect and a restart resumes from the checkpoint",
+                     coord.phase, coord.round_no, cfg.rounds)
+            notifier.stopping(f"{coord.phase} after round {coord.round_no}; devices will reconnect")
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=2.0).wait()
         watchdog.stop()

@@ -73,6 +73,12 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _known_mean(recs: list[dict[str, Any]], key: str) -> float | None:
+    """The mean over the records that know `key` (a lost figure is null, not 0); None if none does."""
+    vals = [r[key] for r in recs if r.get(key) is not None]
+    return mean(vals) if vals else None
+
+
 def _markdown(header: list[str], rows: list[list[str]], text_cols: int = 0) -> str:
     """A markdown table; the first `text_cols` columns are left-aligned, numbers right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
@@ -125,10 +131,9 @@ def device_table(run: Run) -> str:
             by_dev[r["client"]].append(r)
     rows = []
     for dev, recs in sorted(by_dev.items()):
-        gs = [r["g"] for r in recs if r.get("g") is not None]
         row = [dev, run.profile(dev), str(len(recs)), f"{mean(r['t_comp_s'] for r in recs):.2f}",
-               f"{mean(r['t_down_s'] for r in recs):.2f}", f"{mean(r['t_up_s'] for r in recs):.2f}",
-               f"{mean(r['t_comm_s'] for r in recs):.2f}", _fmt(mean(gs) if gs else None, ".3f"),
+               f"{mean(r['t_down_s'] for r in recs):.2f}", _fmt(_known_mean(recs, "t_up_s"), ".2f"),
+               _fmt(_known_mean(recs, "t_comm_s"), ".2f"), _fmt(_known_mean(recs, "g"), ".3f"),
                f"{sum(r.get('bytes_down', 0) for r in recs) / 1e6:.2f}",
                f"{sum(r.get('bytes_up', 0) for r in recs) / 1e6:.2f}"]
         for k in extra:

@@ -59,7 +59,7 @@ class RoundError(Exception):
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.code = code  # "not_found", "precondition", "permission", "exhausted", "invalid", "aborted"
+        self.code = code  # "not_found", "precondition", "permission", "exhausted", "invalid", "aborted", "unavailable"
 
 
 class UpdateRefused(RoundError):
@@ -164,7 +164,7 @@ class Coordinator:
     version: str = field(init=False)
     round_no: int = field(init=False, default=0)  # last completed round
     current: RoundState | None = field(init=False, default=None)
-    finished: bool = field(init=False, default=False)
+    finished: bool = field(init=False, default=False)  # all rounds done: polls answer SHUTDOWN
     summaries: list[dict[str, Any]] = field(init=False, default_factory=list)
     told_shutdown: set[str] = field(init=False, default_factory=set)
 
@@ -306,10 +306,29 @@ class Coordinator:
         if num_samples < 0 or num_samples > MAX_NUM_SAMPLES:
             raise RoundError("invalid", f"num_samples {num_samples} is out of range (0 to {MAX_NUM_SAMPLES})")
         with self.lock:
+            self._check_serving()
             dev = self.registry.join(device_id, num_samples, capabilities)
+            a = self._open_assignment(device_id)
+            # After a crash the device has lost its task; the next GetTask gives it again.
+            note = f"; task {a.task_id[:8]} of round {self.current.number} ({a.status}) is still its own" if a else ""
             self.lock.notify_all()
-        log.info("device %s joined (%d samples, %s)", device_id, num_samples, capabilities.get("accelerator", "?"))
+        log.info("device %s joined (%d samples, %s)%s", device_id, num_samples, capabilities.get("accelerator", "?"),
+                 note)
         return dev
+
+    def _check_serving(self) -> None:
+        """A stopping server sends devices away to come back, never home: it resumes from its checkpoint."""
+        if self._stop.is_set() and not self.finished:
+            raise RoundError("unavailable", f"the server is stopping; it will resume after round {self.round_no} "
+                                            f"from its checkpoint when restarted: reconnect with backoff")
+
+    def _open_assignment(self, device_id: str) -> Assignment | None:
+        """The device's assignment in the open round if its update is not settled yet (sampled or uploading)."""
+        cur = self.current
+        if cur is None or cur.closed:
+            return None
+        a = cur.assignments.get(device_id)
+        return a if a is not None and not a.settled else None
 
     def _device(self, device_id: str, session_id: str) -> Device:
         dev = self.registry.touch(device_id, session_id)
@@ -326,11 +345,16 @@ class Coordinator:
                 if self.finished:
                     self.told_shutdown.add(device_id)
                     return pb.Task(kind=pb.Task.SHUTDOWN, round=self.round_no)
-                cur = self.current
-                if cur is not None and not cur.closed:
-                    a = cur.assignments.get(device_id)
-                    if a is not None and a.status == "sampled":
-                        return self._task_for(cur, a)
+                self._check_serving()
+                # A device asking for work has no upload of its task under way (it rejoined after a crash, or
+                # dropped an update it could not send): it gets the same task again, so the round need not wait
+                # for its deadline. What is staged stays: a resume continues it, a fresh upload replaces it.
+                a = self._open_assignment(device_id)
+                if a is not None:
+                    if a.status != "sampled":
+                        log.info("round %d: task %s given again to %s (its update was %s, not complete)",
+                                 self.current.number, a.task_id[:8], device_id, a.status)
+                    return self._task_for(self.current, a)
                 left = end - time.monotonic()
                 if left <= 0:
                     return pb.Task(kind=pb.Task.WAIT, retry_after_ms=0)
@@ -434,6 +458,7 @@ class Coordinator:
         """Start or resume the upload `h` describes; checks it belongs to the open round."""
         with self.lock:
             self._device(h.device_id, h.session_id)
+            self._check_serving()
             cur = self.current
             if cur is None or cur.closed or cur.number != h.round:
                 raise RoundError("precondition", f"round {h.round} is not open for uploads "
@@ -472,7 +497,9 @@ class Coordinator:
                     log.info("round %d: upload from %s resumes at tensor %d offset %d (%d chunks held)", cur.number,
                              h.device_id, start[0], start[1], sess.receiver.chunks_received)
                     return sess
-                # A fresh start replaces what was staged.
+                # A fresh start replaces what was staged; from the device's side an older stream is dead.
+                if sess.context is not None:
+                    sess.context.cancel()
             elif start != (0, 0):
                 raise RoundError("aborted", f"nothing staged for task {h.task_id}; start from the beginning")
             if len(self._uploads) >= self.cfg.max_concurrent_uploads and h.task_id not in self._uploads:
@@ -488,6 +515,8 @@ class Coordinator:
                 # Staged in a mapped file, not RAM: concurrent uploads cost disk, and a partial one
                 # waits there for its device until the round ends.
                 path = self.staging / f"round-{cur.number:06d}" / f"{h.device_id}-{h.task_id}.bin"
+                # A new file, not the old one truncated: a replaced stream still writing writes elsewhere.
+                path.unlink(missing_ok=True)
                 dest = map_tensors(path, [(lay.name, lay.dtype, lay.shape) for lay in layouts], create=True)
                 receiver = StateReceiver(h.manifest, dest=dest, expect=self.upload_layout)
             except WireError as exc:
@@ -538,6 +567,7 @@ class Coordinator:
     def upload_status(self, device_id: str, session_id: str, task_id: str) -> tuple[bool, pb.Position | None, bool]:
         with self.lock:
             self._device(device_id, session_id)
+            self._check_serving()
             sess = self._uploads.get(task_id)
             if sess is None or sess.assignment.device_id != device_id:
                 cur = self.current
@@ -567,15 +597,16 @@ class Coordinator:
         with self.lock:
             cur = self.current
             a = sess.assignment
+            mine = self._uploads.get(sess.header.task_id) is sess
+            if mine:
+                del self._uploads[sess.header.task_id]
             if cur is None or cur.closed or cur.assignments.get(a.device_id) is not a:
-                self._uploads.pop(sess.header.task_id, None)
-                a.status = "late"
+                if not a.settled:  # a replaced stream ending late must not undo the update that counted
+                    a.status = "late"
                 raise RoundError("precondition", f"round {sess.header.round} closed before the update arrived")
-            if self._uploads.get(sess.header.task_id) is not sess:
-                # A fresh start of the same task replaced this stream's file, header and weight.
-                raise RoundError("aborted", f"task {sess.header.task_id}: a newer upload from the beginning "
-                                            f"replaced this one")
-            del self._uploads[sess.header.task_id]
+            if not mine:  # the device started this task's upload again; the newer stream is the one that counts
+                raise RoundError("aborted", f"task {sess.header.task_id}: this upload was replaced by a newer one "
+                                            f"from the device")
             a.status = "aggregated"
             a.clip_scale = clip_scale
             a.done_at = time.monotonic()
@@ -745,9 +776,11 @@ class Coordinator:
             self.heartbeat()
 
     def stop(self) -> None:
-        self._stop.set()
-        self.phase = "stopping"
+        """Stop after the current step, to be restarted: devices are told to come back later, not to leave."""
         with self.lock:
+            self._stop.set()
+            if not self.finished:
+                self.phase = "stopping"
             self.lock.notify_all()
 
     def run(self) -> None:
@@ -766,8 +799,14 @@ class Coordinator:
                                        f"{self.cfg.min_updates} update(s) arrived before each deadline")
         finally:
             with self.lock:
-                self.finished = True
-                self.phase = "stopped" if self._stop.is_set() and self.round_no < self.cfg.rounds else "finished"
+                # Only a run whose rounds are all done sends devices home (SHUTDOWN). A stop or a failure is
+                # followed by a restart from the checkpoint, so devices are told to reconnect instead.
+                self.finished = self.round_no >= self.cfg.rounds
+                if self.finished:
+                    self.phase = "finished"
+                else:
+                    self.phase = "stopped" if self._stop.is_set() else "failed"
+                    self._stop.set()
                 self.lock.notify_all()
 
     def _wait_for_devices(self) -> list[str]:
@@ -894,7 +933,7 @@ class Coordinator:
                 e = dev.estimates
                 if r.get("bytes_down") and r.get("t_down_s", 0) > 0:
                     e["down_Bps"], e["bytes_down"] = r["bytes_down"] / r["t_down_s"], float(r["bytes_down"])
-                if r.get("bytes_up") and r.get("t_up_s", 0) + r.get("t_wait_s", 0) > 0:
+                if r.get("bytes_up") and (r.get("t_up_s") or 0) + (r.get("t_wait_s") or 0) > 0:
                     e["up_Bps"] = r["bytes_up"] / (r["t_up_s"] + r["t_wait_s"])
                     e["bytes_up"] = float(r["bytes_up"])
                 st = r.get("step_times") or {}
@@ -953,10 +992,14 @@ class Coordinator:
                       "train_loss", "download_cached", "step_times", "extra"):
                 if k in m:
                     rec[k] = m[k]
+            lost = _lost_upload_figures(a, m)
+            if lost:
+                # The server's count stands in for the bytes; the upload times are unknown (null), never 0.
+                rec.update(note=lost, bytes_up=a.bytes_in, **({"t_up_s": None, "t_wait_s": None} if m else {}))
             if "t_comp_s" in m:
-                rec["t_comm_s"] = m["t_down_s"] + m["t_up_s"] + m["t_wait_s"]
+                rec["t_comm_s"] = None if lost else m["t_down_s"] + m["t_up_s"] + m["t_wait_s"]
                 rec["tokens_per_s"] = m["tokens"] / m["t_comp_s"] if m["t_comp_s"] > 0 else 0.0
-                rec["g"] = m["t_comp_s"] / rec["t_comm_s"] if rec["t_comm_s"] > 0 else None
+                rec["g"] = m["t_comp_s"] / rec["t_comm_s"] if rec["t_comm_s"] else None
                 # Hardware figures (fedcore.efficiency): what the device did not know is null, never 0.
                 extra = m.get("extra") or {}
                 for k in HARDWARE_KEYS:
@@ -985,8 +1028,11 @@ class Coordinator:
     def _summary(self, cur: RoundState, records: list[dict[str, Any]], ev: EvalRecord | None,
                  t_agg: float) -> dict[str, Any]:
         got = [r for r in records if r["status"] == "aggregated" and "t_comp_s" in r]
+        # T_comm and G come from the devices whose communication figures are known: a lost one is not a zero.
+        known = [r for r in got if r["t_comm_s"] is not None]
         t_comp = max((r["t_comp_s"] for r in got), default=0.0)
-        t_comm = max((r["t_comm_s"] for r in got), default=0.0)
+        t_comm = max((r["t_comm_s"] for r in known), default=None)
+        g_comp = max((r["t_comp_s"] for r in known), default=0.0)
         weight = sum(r["num_samples"] for r in got) or 1
         return {
             "round": cur.number,
@@ -994,11 +1040,12 @@ class Coordinator:
             "sampled": len(cur.assignments),
             "t_comp_s": t_comp,
             "t_comm_s": t_comm,
-            "g": t_comp / t_comm if t_comm > 0 else None,
+            "g": g_comp / t_comm if t_comm else None,
+            "figures_unknown": [r["client"] for r in records if r.get("note")],
             "t_down_s": max((r["t_down_s"] for r in got), default=0.0),
-            "t_up_s": max((r["t_up_s"] for r in got), default=0.0),
+            "t_up_s": max((r["t_up_s"] for r in known), default=None),
             "bytes_down": sum(r.get("bytes_down", 0) for r in got),
-            "bytes_up": sum(r.get("bytes_up", 0) for r in got),
+            "bytes_up": sum(r.get("bytes_up", 0) for r in records if r["status"] == "aggregated"),
             "tokens": sum(r.get("tokens", 0) for r in got),
             "train_loss": sum(r.get("train_loss", 0.0) * r["num_samples"] for r in got) / weight,
             # Dispatch to the last update (or the deadline); aggregation and evaluation not included.
@@ -1025,6 +1072,18 @@ class Coordinator:
         write_json_atomic(self.out / "summary.json", {"config": _config_dict(self.cfg), "rounds": self.summaries})
         if self.on_round:
             self.on_round(summary)
+
+
+def _lost_upload_figures(a: Assignment, m: Mapping[str, Any]) -> str:
+    """Why an aggregated update's upload figures from the device are unusable ("": they are usable)."""
+    if a.status != "aggregated":
+        return ""
+    if not m:
+        return "no metrics arrived: the device went away after the server acknowledged its upload"
+    if not m.get("bytes_up") and a.bytes_in:
+        return (f"the device reported 0 bytes up for an upload the server received ({a.bytes_in} bytes): its "
+                f"upload figures were lost (a restart after the acknowledgement?); upload times unknown")
+    return ""
 
 
 def _eval_fields(ev: EvalRecord | None) -> dict[str, Any]:

@@ -1,8 +1,12 @@
 """gRPC in and out: checks each request, calls the coordinator, maps errors to status codes."""
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import random
+import socket
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 
@@ -28,6 +32,7 @@ _ROUND_CODES = {
     "exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
     "aborted": grpc.StatusCode.ABORTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
 }
 _WIRE_CODES = {"checksum": grpc.StatusCode.DATA_LOSS, "digest": grpc.StatusCode.DATA_LOSS}
 
@@ -47,8 +52,11 @@ def _check_device(device_id: str, context: grpc.ServicerContext) -> None:
 
 
 class FederationService(pbg.FederationServicer):
-    def __init__(self, coord: Coordinator) -> None:
+    def __init__(self, coord: Coordinator, poll_threads: int) -> None:
         self.coord = coord
+        # Until a poll stops costing a thread, only this many threads may wait in GetTask: the rest stay
+        # free for uploads, downloads and joins however many devices are polling.
+        self._poll_slots = threading.BoundedSemaphore(max(1, poll_threads))
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         _check_device(request.device_id, context)
@@ -70,11 +78,20 @@ class FederationService(pbg.FederationServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - 1.0))
+        held = self._poll_slots.acquire(blocking=False)
         try:
-            return self.coord.next_task(request.device_id, request.session_id, timeout)
+            # Over the limit the poll is answered at once (a task, SHUTDOWN, or WAIT) and its thread freed.
+            task = self.coord.next_task(request.device_id, request.session_id, timeout if held else 0.0)
         except RoundError as exc:
             _abort(context, exc)
             raise
+        finally:
+            if held:
+                self._poll_slots.release()
+        if not held and task.kind == pb.Task.WAIT:
+            # Jittered, so devices sent away together do not come back together.
+            task.retry_after_ms = int(1000 * max(1.0, self.coord.cfg.poll_seconds) * random.uniform(0.5, 1.0))
+        return task
 
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadMessage]:
         _check_device(request.device_id, context)
@@ -224,26 +241,71 @@ def make_server(coord: Coordinator, listen: str, max_workers: int) -> tuple[grpc
     """A started-ready (not yet started) server bound to listen; returns the bound port.
 
     TLS and the gatekeeper come from coord.cfg; every service added to this
-    server goes through the gatekeeper.
+    server goes through the gatekeeper. Idle long polls may hold at most half
+    of the max_workers threads. A port another process holds is an OSError.
     """
     cfg = coord.cfg
     options = [(k, cfg.max_message_bytes if k == "grpc.max_receive_message_length" else v)
                for k, v in CHANNEL_OPTIONS]
+    # gRPC sets SO_REUSEPORT by default: a second server on a held port would start and take half the devices.
+    options.append(("grpc.so_reuseport", 0))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
                          options=options, maximum_concurrent_rpcs=max_workers * 4,
                          interceptors=[gatekeeper_for(cfg)])
-    pbg.add_FederationServicer_to_server(FederationService(coord), server)
+    pbg.add_FederationServicer_to_server(FederationService(coord, max_workers // 2), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     creds = server_credentials(cfg)
     if creds is None:
         log.warning("serving PLAINTEXT gRPC on %s (insecure = true): no TLS, and any caller may claim any "
                     "device id", listen)
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, creds)
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}: address in use or not available")
+    port = _bind(server, listen, creds)
     for name in ("", "fedtune.v1.Federation"):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
+
+
+def _bind(server: grpc.Server, listen: str, creds: grpc.ServerCredentials | None) -> int:
+    """Bind exactly the port listen names; anything else (in use, out of range, another port) is an error."""
+    want = _listen_port(listen)
+    # A plain socket asks first, so a port in use is one clear error rather than a gRPC core log line.
+    refusal = _bind_refusal(listen, want) if want else None
+    if refusal is None:
+        try:
+            port = server.add_insecure_port(listen) if creds is None else server.add_secure_port(listen, creds)
+        except RuntimeError:  # grpcio raises on a failed bind; older versions returned 0
+            port = 0
+        if port and want and port != want:
+            raise OSError(f"cannot listen on {listen}: gRPC bound port {port} instead")
+        if port:
+            return port
+        refusal = _bind_refusal(listen, want) if want else None
+    if refusal is not None and refusal.errno == errno.EADDRINUSE:
+        raise OSError(f"cannot listen on {listen}: address already in use (another fedserver or another program "
+                      f"holds port {want})")
+    raise OSError(f"cannot listen on {listen}: "
+                  f"{(refusal.strerror or str(refusal)) if refusal is not None else 'gRPC could not bind it'}")
+
+
+def _listen_port(listen: str) -> int | None:
+    """The port of host:port (0: any free port; None: a unix socket); out of 0-65535 is refused here."""
+    if listen.startswith(("unix:", "unix-abstract:")):
+        return None
+    _, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"listen {listen!r} must be host:port with a port from 0 to 65535 (0: any free port)")
+    return int(port)
+
+
+def _bind_refusal(listen: str, port: int) -> OSError | None:
+    """Why the kernel refuses to bind listen's address (None: it would bind), asked with a plain socket."""
+    host = listen.rpartition(":")[0].strip("[]") or None
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            s.bind(addr)
+    except OSError as exc:
+        return exc
+    return None

@@ -30,7 +30,7 @@ def status_message(snap: dict[str, Any]) -> pb.ServerStatus:
     if last:
         lr = msg.last_round
         lr.round = last["round"]
-        lr.t_comm_s = last.get("t_comm_s", 0.0)
+        lr.t_comm_s = last.get("t_comm_s") or 0.0  # null when no device's figures were known; g is unset then
         lr.t_comp_s = last.get("t_comp_s", 0.0)
         lr.bytes_down = last.get("bytes_down", 0)
         lr.bytes_up = last.get("bytes_up", 0)
