@@ -7,6 +7,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import grpc
 import psutil
@@ -74,7 +75,7 @@ class Daemon:
         self.feedback = ErrorFeedback(load_residual(self.cfg.state_dir) if self.cfg.state_dir else None)
         self.session_id = ""
         self._stop = False
-        self.disk = StateDir(self.cfg.state_dir) if self.cfg.state_dir else None
+        self.disk = open_state_dir(self.cfg.state_dir)
         self.rates = LinkRates(self.disk.root / "link.json" if self.disk else None)
         self._last_down_bytes = 0
         # The finished update not yet delivered (also without a state dir, or one too full to hold it): a
@@ -541,6 +542,19 @@ def upload_figures(ustats: TransferStats, resume: bool) -> dict[str, float]:
     measured = ustats.attempts > 0 or not resume
     return {"measured": float(measured), "bytes": float(ustats.bytes), "seconds": ustats.seconds,
             "wait_s": ustats.wait_s, "attempts": float(ustats.attempts), "bytes_resent": float(ustats.bytes_resent)}
+
+
+def open_state_dir(path: Path | None) -> StateDir | None:
+    """The state dir, or None (one warning line) when it cannot be created: the daemon then keeps its
+    transfers in memory, as without one."""
+    if path is None:
+        return None
+    try:
+        return StateDir(path)
+    except OSError as exc:
+        log.warning("state dir %s unusable (%s); transfers are kept in memory only, a restart starts them again",
+                    path, exc)
+        return None
 
 
 def probe_hardware(cfg: ClientConfig, device: torch.device) -> tuple[hardware.Hardware, power.PowerSource | None]:

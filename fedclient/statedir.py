@@ -243,6 +243,14 @@ class PendingUpload:
     sent: dict[str, float] | None = None
 
 
+FIGURES = ("measured", "bytes", "seconds", "wait_s", "attempts", "bytes_resent")
+
+
+def _figures_ok(sent: Any) -> bool:
+    return isinstance(sent, dict) and all(isinstance(sent.get(k), (int, float)) and 0 <= sent[k] < 1e30
+                                          for k in FIGURES)
+
+
 class UploadStore:
     """The one update this device still has to deliver."""
 
@@ -293,6 +301,11 @@ class UploadStore:
         try:
             pending = PendingUpload(**json.loads(meta.read_text()))
             what = f"of task {str(pending.task_id)[:8]} (round {pending.round}) in {self.root}"
+            if pending.sent is not None:
+                if not _figures_ok(pending.sent):
+                    log.warning("figures of the acknowledged upload %s unreadable; reported as lost", what)
+                    pending.sent = {"measured": 0.0}
+                return pending, {}  # the server holds it already: only the metrics report is left to do
             layout = [(n, dtype_from_name(d), tuple(s)) for n, d, s, _ in pending.entries]
             tensors = map_tensors(self.root / "tensors.bin", layout)
             if not pending.digest:
