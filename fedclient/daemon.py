@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import grpc
 import psutil
@@ -18,8 +20,9 @@ from fedcore.metrics import MetricsServer, serve_metrics
 from fedcore.efficiency import NUMERIC_KEYS, figures
 from fedcore.lora import LoraSpec
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
-from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, codec_name, encoding_name, subtract,
-                          unique_tensors)
+from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, WireError, codec_name, encoding_name,
+                          subtract, unique_tensors)
+from fedcore.wire.manifest import check_framing
 from fedcore.channel import open_channel
 from fedcore.sdnotify import Notifier, Watchdog
 from fedtune.v1 import fedtune_pb2 as pb
@@ -30,7 +33,7 @@ from .metrics import DeviceStats, client_registry
 from .feedback import load_residual, save_residual
 from .statedir import LinkRates, PendingUpload, StateDir
 from .trainer import LoraAdapters, TrainSettings, train_local
-from .transfer import Limits, fetch, upload
+from .transfer import Limits, TransferStats, fetch, upload
 
 # The server turned down a task-level request (round closed, task not ours): drop that work, keep serving.
 TASK_GONE = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
@@ -72,14 +75,20 @@ class Daemon:
         self.feedback = ErrorFeedback(load_residual(self.cfg.state_dir) if self.cfg.state_dir else None)
         self.session_id = ""
         self._stop = False
-        self.disk = StateDir(self.cfg.state_dir) if self.cfg.state_dir else None
+        self.disk = open_state_dir(self.cfg.state_dir)
         self.rates = LinkRates(self.disk.root / "link.json" if self.disk else None)
         self._last_down_bytes = 0
+        # The finished update not yet delivered (also without a state dir, or one too full to hold it): a
+        # reconnect delivers it instead of dropping it.
+        self._unsent: tuple[PendingUpload, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
+        self._session_lost_for = ""  # task whose upload met FAILED_PRECONDITION once: rejoin before dropping it
+        self._refused_task = ""  # the last task turned down as unusable, not logged again when handed again
+        self._failed_downloads = 0  # in a row, models that failed their check: backoff before asking again
         if self.disk is not None:
-            cached = self.disk.downloads.cached()
+            cached = self.disk.downloads.cached()  # digest-checked; a damaged one is discarded (logged)
             if cached is not None:
                 self.base_version, self.base, self.base_exact = cached
-                log.info("model %s kept on disk from before a restart%s", self.base_version[7:19],
+                log.info("model %s kept on disk from before a restart, digest checked%s", self.base_version[7:19],
                          " (bit-exact: a base for broadcast deltas)" if self.base_exact else "")
         if self.cfg.compute_slowdown > 1:
             log.info("compute_slowdown %.2f: EMULATING a slower device (sleeping %.2f x each measured step)",
@@ -110,11 +119,23 @@ class Daemon:
     def _beat(self, _done: int = 0) -> None:
         self.watchdog.beat()
 
-    def _limits(self, direction: str) -> Limits:
+    def _limits(self, direction: str, deadline_unix: float = 0.0) -> Limits:
+        """Transfer limits; an upload with its task's deadline waits out a busy server until then."""
         c = self.cfg
+        until = None
+        if direction == "up" and math.isfinite(deadline_unix) and deadline_unix > 0:
+            until = time.monotonic() + (deadline_unix - time.time())  # wall clock once, then monotonic
         return Limits(retries=c.transfer_retries, stall_s=c.stall_timeout_s, floor_s=c.transfer_timeout_floor_s,
                       safety=c.transfer_timeout_safety, rate_bps=self.rates.get(direction),
-                      pace_bps=c.max_upload_mbit * 1e6 / 8 if direction == "up" else 0.0)
+                      pace_bps=c.max_upload_mbit * 1e6 / 8 if direction == "up" else 0.0, until=until)
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep with the systemd watchdog fed."""
+        end = time.monotonic() + seconds
+        while not self._stop and time.monotonic() < end:
+            self.watchdog.beat()
+            time.sleep(min(1.0, max(0.0, end - time.monotonic())))
+        self.watchdog.beat()
 
     def stop(self) -> None:
         self._stop = True
@@ -238,12 +259,27 @@ class Daemon:
                 self.phase = f"server ended the run after round {task.round}"
                 return True
             if task.kind == pb.Task.TRAIN:
-                self._round(stub, task)
+                work = self._accept(task)
+                if work is not None:
+                    self._round(stub, task, work)
             elif task.retry_after_ms:
                 time.sleep(task.retry_after_ms / 1000)
         return False
 
-    def _round(self, stub: pbg.FederationStub, task: pb.Task) -> None:
+    def _accept(self, task: pb.Task) -> Work | None:
+        """The task's work, or None (one log line) for a task no training could run: the daemon goes on polling."""
+        try:
+            return plan_work(task, self.cfg)
+        except ValueError as exc:
+            if task.task_id != self._refused_task:
+                log.error("round %d: refusing task %s: %s; not training it, waiting for other work", task.round,
+                          task.task_id[:8], exc)
+                self._refused_task = task.task_id
+            # The server hands a sampled device its task again at once: ask again later, not in a loop.
+            self._sleep(self.cfg.retry_max_s)
+            return None
+
+    def _round(self, stub: pbg.FederationStub, task: pb.Task, work: Work) -> None:
         assert self.model is not None
         log.info("round %d: task %s, model %s", task.round, task.task_id[:8], task.model_version[7:19])
         self.stats.round = task.round
@@ -263,6 +299,15 @@ class Daemon:
                     raise
                 log.warning("round %d: %s; dropping the task", task.round, exc.details())  # type: ignore
                 return
+            except WireError as exc:
+                # A model that fails its check from a fresh download (a partial kept on disk was already
+                # retried from scratch): the server's or the link's fault, not a reason to exit and restart-loop.
+                self._failed_downloads += 1
+                log.error("round %d: the model %s... from the server failed its check (%s); dropping the task",
+                          task.round, task.model_version[:19], exc)
+                self._backoff(self._failed_downloads)
+                return
+            self._failed_downloads = 0
             self.base, self.base_version, self.base_exact = state, task.model_version, dstats.exact
             t_down, bytes_down, link_down_bps, deltas = dstats.seconds, dstats.bytes, dstats.bytes_per_s, dstats.deltas
             self.rates.update("down", bytes_down, t_down)
@@ -273,17 +318,8 @@ class Daemon:
                 " as adapters only (B), digest checked" if dstats.patched else "")
             log.info("round %d: downloaded %.2f MB in %.2f s (%d attempts)%s", task.round, bytes_down / 1e6, t_down,
                      dstats.attempts, how)
-        self._load_global(lora_spec(task.training))
-
-        tr = task.training
-        batch = min(tr.batch_size, self.cfg.max_batch_size) if self.cfg.max_batch_size else tr.batch_size
-        steps = -(-tr.local_samples // batch) if tr.local_samples > 0 else tr.local_steps
-        # Seeded per (run seed, round, device): a retrained round yields the same update bit for bit.
-        settings = TrainSettings(local_epochs=tr.local_epochs, local_steps=steps, batch_size=batch,
-                                 learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
-                                 max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
-                                 seed=tr.seed + _stable_hash(self.cfg.device_id),
-                                 compute_slowdown=self.cfg.compute_slowdown)
+        self._load_global(work.lora)
+        settings, batch = work.settings, work.settings.batch_size
         self.phase = f"round {task.round}: training"
         meter = power.PowerMeter(self.power_source, hz=self.cfg.power_hz).start()
         try:
@@ -296,10 +332,7 @@ class Daemon:
                  f", {result.emulated_sleep_s:.2f} s EMULATED slowdown" if result.emulated_sleep_s else "",
                  result.mean_loss, describe(hw))
 
-        up = task.upload
-        spec = TransferSpec(encoding=encoding_name(up.encoding), codec=codec_name(up.codec),
-                            zstd_level=up.zstd_level or 3, block_size=up.block_size, chunk_elems=up.chunk_elems,
-                            payload="delta" if up.payload == pb.DELTA else "weights")
+        up, spec = task.upload, work.spec
         if self.adapters is not None:
             state = self.adapters.trainable_state()  # FFA-LoRA: only B changed, only B travels
             entries = unique_tensors(state)
@@ -327,81 +360,201 @@ class Daemon:
                                   "optimizer_step_s": st.optimizer_step_s, "steps": st.steps},
                    "extra": extra, "power_source": hw["power_source"] or "", "hardware": self.hardware.name}
         pending = PendingUpload(task_id=task.task_id, round=task.round, base_version=task.model_version,
-                                num_samples=result.samples, spec=asdict(spec), metrics=metrics)
+                                num_samples=result.samples, spec=asdict(spec), metrics=metrics,
+                                deadline_unix=task.deadline_unix if math.isfinite(task.deadline_unix) else 0.0)
         if self.disk is not None:
             # On disk before the first byte leaves: a restart delivers this update instead of training again,
-            # and commits the error-feedback residual that goes with it once the server holds it.
+            # and commits the error-feedback residual that goes with it once the server holds it. A state dir
+            # that cannot hold it (logged) leaves the update in memory only.
             self.disk.uploads.save(pending, [(e.name, state[e.name], e.aliases) for e in entries], residual)
         tied = {a: state[e.name] for e in entries for a in (e.name, *e.aliases)}
+        self._unsent = (pending, tied, residual)
         self._send(stub, pending, tied, residual, resume=False)
 
     def _deliver_pending(self, stub: pbg.FederationStub) -> None:
-        """After a (re)join: send the update a previous process trained but did not finish uploading."""
+        """After a (re)join: send the update not yet delivered, kept in memory or left on disk by a previous
+        process (digest-checked; a damaged one is dropped and the device asks for work again)."""
+        if self._unsent is not None:
+            pending, state, residual = self._unsent
+            log.info("round %d: delivering the update of task %s again after a reconnect", pending.round,
+                     pending.task_id[:8])
+            self._send(stub, pending, state, residual, resume=True)
+            return
         if self.disk is None:
             return
         found = self.disk.uploads.load()
         if found is None:
             return
         pending, state = found
+        residual = self.disk.uploads.residual()
+        self._unsent = (pending, state, residual)
         log.info("round %d: resuming the upload of task %s left by a previous process", pending.round,
                  pending.task_id[:8])
-        self._send(stub, pending, state, self.disk.uploads.residual(), resume=True)
+        self._send(stub, pending, state, residual, resume=True)
+
+    def _drop_unsent(self) -> None:
+        self._unsent = None
+        self._session_lost_for = ""
+        if self.disk is not None:
+            self.disk.uploads.clear()
 
     def _send(self, stub: pbg.FederationStub, pending: PendingUpload, state: dict[str, torch.Tensor],
               residual: dict[str, torch.Tensor] | None, resume: bool) -> None:
+        """Deliver the update (unless the server already acknowledged it), then report the round's metrics."""
+        if pending.sent is None:
+            ustats = self._upload(stub, pending, state, resume)
+            if ustats is None:
+                return
+            pending.sent = upload_figures(ustats, resume)
+            if self.disk is not None:
+                self.disk.uploads.mark_sent(pending)  # a restart before the report reports these, not zeros
+            if ustats.attempts:
+                self.rates.update("up", ustats.bytes, ustats.seconds)
+        self._report(stub, pending, residual, resume)
+
+    def _upload(self, stub: pbg.FederationStub, pending: PendingUpload, state: dict[str, torch.Tensor],
+                resume: bool) -> TransferStats | None:
+        """Upload until the server acknowledges it; None: the server no longer takes it (dropped, logged)."""
         spec = TransferSpec(**pending.spec)
         header = pb.UploadHeader(device_id=self.cfg.device_id, session_id=self.session_id, task_id=pending.task_id,
                                  round=pending.round, base_version=pending.base_version,
                                  num_samples=pending.num_samples)
         self.phase = f"round {pending.round}: uploading"
         try:
-            reply, ustats = upload(stub, header, state, spec, self._limits("up"), self._backoff, resume=resume,
-                                   on_progress=self._beat)
+            reply, ustats = upload(stub, header, state, spec, self._limits("up", pending.deadline_unix),
+                                   self._backoff, resume=resume, on_progress=self._beat)
         except grpc.RpcError as exc:
-            if exc.code() not in TASK_GONE:  # type: ignore[attr-defined]
-                raise  # link or server trouble: the update stays on disk for the next attempt
+            code = exc.code()  # type: ignore[attr-defined]
+            if code not in TASK_GONE:
+                raise  # link or server trouble: the update is kept (memory, disk) for the next attempt
+            if code == grpc.StatusCode.FAILED_PRECONDITION and self._session_lost_for != pending.task_id:
+                # Maybe only our session is gone (server restarted, liveness expired): join again and ask
+                # once more; the round itself may still want this update.
+                self._session_lost_for = pending.task_id
+                raise
             log.warning("round %d: server no longer takes task %s (%s: %s); dropping the update", pending.round,
-                        pending.task_id[:8], exc.code().name, exc.details())  # type: ignore[attr-defined]
-            if self.disk is not None:
-                self.disk.uploads.clear()
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
-                raise  # maybe our session is gone (server restarted): join again
-            return
-        self.rates.update("up", ustats.bytes, ustats.seconds)
-        log.info("round %d: uploaded %.2f MB (%s %s/%s) in %.2f s (+%.3f s server ack), %d attempts, "
-                 "%d bytes re-sent", pending.round, ustats.bytes / 1e6, spec.payload, spec.encoding, spec.codec,
-                 ustats.seconds, ustats.wait_s, ustats.attempts, ustats.bytes_resent)
-        m = pending.metrics
-        extra = dict(m["extra"], bytes_resent_up=float(ustats.bytes_resent), upload_attempts=float(ustats.attempts),
-                     resumed_after_restart=float(resume))
+                        pending.task_id[:8], code.name, exc.details())  # type: ignore[attr-defined]
+            self._drop_unsent()
+            return None
+        if ustats.attempts:
+            log.info("round %d: uploaded %.2f MB (%s %s/%s) in %.2f s (+%.3f s server ack), %d attempts, "
+                     "%d bytes re-sent", pending.round, ustats.bytes / 1e6, spec.payload, spec.encoding, spec.codec,
+                     ustats.seconds, ustats.wait_s, ustats.attempts, ustats.bytes_resent)
+        else:
+            log.info("round %d: the server already held the whole update of task %s", pending.round,
+                     pending.task_id[:8])
+        return ustats
+
+    def _report(self, stub: pbg.FederationStub, pending: PendingUpload, residual: dict[str, torch.Tensor] | None,
+                resume: bool) -> None:
+        """After the server acknowledged the update: commit its residual, report the round, forget the update."""
+        m, sent = pending.metrics, pending.sent or {}
+        extra = dict(m["extra"], resumed_after_restart=float(resume))
+        lost = not sent.get("measured")
+        if lost:
+            # The process that sent the last bytes died before it wrote what it measured: unknown, not zero.
+            extra["upload_figures_lost"] = 1.0
+        else:
+            extra.update(bytes_resent_up=sent["bytes_resent"], upload_attempts=sent["attempts"])
+            if sent["bytes"] and sent["seconds"] + sent["wait_s"] > 0:
+                extra["link_up_bps"] = sent["bytes"] / (sent["seconds"] + sent["wait_s"])
         if residual is not None:
             # Only a residual whose delta the server acknowledged is carried on.
             self.feedback.commit(residual)
-            where = save_residual(self.cfg.state_dir, residual) if self.cfg.state_dir else "kept in memory"
+            where = "kept in memory"
+            if self.cfg.state_dir:
+                try:
+                    where = save_residual(self.cfg.state_dir, residual)
+                except OSError as exc:
+                    where = f"kept in memory: cannot save it in {self.cfg.state_dir} ({exc})"
             extra["ef_residual_norm"] = self.feedback.norm()
             log.info("round %d: error-feedback residual norm %.4g (%s)", pending.round, extra["ef_residual_norm"],
                      where)
-        if ustats.bytes and ustats.seconds + ustats.wait_s > 0:
-            extra["link_up_bps"] = ustats.bytes / (ustats.seconds + ustats.wait_s)
+        t_up, t_wait, bytes_up = (0.0, 0.0, 0) if lost else (sent["seconds"], sent["wait_s"], int(sent["bytes"]))
         try:
             stub.ReportMetrics(pb.RoundMetrics(
                 device_id=self.cfg.device_id, session_id=self.session_id, task_id=pending.task_id,
-                round=pending.round, t_down_s=m["t_down_s"], t_up_s=ustats.seconds, t_wait_s=ustats.wait_s,
-                t_comp_s=m["t_comp_s"], bytes_down=m["bytes_down"], bytes_up=ustats.bytes, tokens=m["tokens"],
+                round=pending.round, t_down_s=m["t_down_s"], t_up_s=t_up, t_wait_s=t_wait,
+                t_comp_s=m["t_comp_s"], bytes_down=m["bytes_down"], bytes_up=bytes_up, tokens=m["tokens"],
                 train_loss=m["train_loss"], num_samples=pending.num_samples, download_cached=m["download_cached"],
                 step_times=pb.StepTimes(**m["step_times"]), extra=extra,
                 power_source=m.get("power_source", ""), hardware=m.get("hardware", "")), timeout=30)
         except grpc.RpcError as exc:
             if exc.code() not in TASK_GONE:  # type: ignore[attr-defined]
-                raise
+                raise  # the acknowledged update and its figures stay for the report after a reconnect
             log.warning("round %d: metrics not taken (%s)", pending.round, exc.details())  # type: ignore
-        if self.disk is not None:
-            self.disk.uploads.clear()
+        self._drop_unsent()
         self.rounds_done += 1
-        self.stats.finish_round({"round": pending.round, "t_down_s": m["t_down_s"], "t_up_s": ustats.seconds,
-                                 "t_wait_s": ustats.wait_s, "t_comp_s": m["t_comp_s"], "bytes_down": m["bytes_down"],
-                                 "bytes_up": ustats.bytes, "extra": dict(extra)})
+        self.stats.finish_round({"round": pending.round, "t_down_s": m["t_down_s"], "t_up_s": t_up,
+                                 "t_wait_s": t_wait, "t_comp_s": m["t_comp_s"], "bytes_down": m["bytes_down"],
+                                 "bytes_up": bytes_up, "extra": dict(extra)})
         self.phase = f"round {pending.round} done, waiting for work"
+
+
+@dataclass
+class Work:
+    """What a task asks of this device, checked: local training, the update's encoding, LoRA."""
+    settings: TrainSettings
+    spec: TransferSpec
+    lora: LoraSpec | None
+
+
+def plan_work(task: pb.Task, cfg: ClientConfig) -> Work:
+    """The task's work on this device; ValueError, naming the setting, for one no training could run."""
+    if not task.task_id or not task.model_version:
+        raise ValueError("the task names no task id or model version")
+    tr = task.training
+    batch = min(tr.batch_size, cfg.max_batch_size) if cfg.max_batch_size and tr.batch_size > 0 else tr.batch_size
+    if tr.local_samples < 0:
+        raise ValueError(f"local_samples {tr.local_samples} is negative")
+    steps = -(-tr.local_samples // batch) if tr.local_samples > 0 and batch > 0 else tr.local_steps
+    # Seeded per (run seed, round, device): a retrained round yields the same update bit for bit.
+    settings = TrainSettings(local_epochs=tr.local_epochs, local_steps=steps, batch_size=batch,
+                             learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
+                             max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
+                             seed=tr.seed + _stable_hash(cfg.device_id), compute_slowdown=cfg.compute_slowdown)
+    settings.validate()
+    lora = lora_spec(tr)
+    if lora is not None:
+        lora.validate()
+    return Work(settings, upload_spec(task.upload), lora)
+
+
+def upload_spec(up: pb.TransferSettings) -> TransferSpec:
+    """How the task wants the update sent; ValueError for an encoding, codec or framing this device lacks."""
+    if up.payload not in (pb.PAYLOAD_UNSPECIFIED, pb.WEIGHTS, pb.DELTA):
+        raise ValueError(f"upload payload {up.payload} is unknown")
+    if not -(1 << 17) <= up.zstd_level <= 22:
+        raise ValueError(f"zstd_level {up.zstd_level} is outside zstd's levels")
+    try:
+        check_framing(up.encoding, up.codec, up.block_size, up.chunk_elems)
+        spec = TransferSpec(encoding=encoding_name(up.encoding), codec=codec_name(up.codec),
+                            zstd_level=up.zstd_level or 3, block_size=up.block_size, chunk_elems=up.chunk_elems,
+                            payload="delta" if up.payload == pb.DELTA else "weights")
+    except (WireError, KeyError) as exc:
+        raise ValueError(f"upload settings unusable: {exc}") from None
+    return spec
+
+
+def upload_figures(ustats: TransferStats, resume: bool) -> dict[str, float]:
+    """What an acknowledged upload measured, as kept with the pending update; `measured` 0: not known (the
+    previous process sent the last bytes and died before it wrote its figures)."""
+    measured = ustats.attempts > 0 or not resume
+    return {"measured": float(measured), "bytes": float(ustats.bytes), "seconds": ustats.seconds,
+            "wait_s": ustats.wait_s, "attempts": float(ustats.attempts), "bytes_resent": float(ustats.bytes_resent)}
+
+
+def open_state_dir(path: Path | None) -> StateDir | None:
+    """The state dir, or None (one warning line) when it cannot be created: the daemon then keeps its
+    transfers in memory, as without one."""
+    if path is None:
+        return None
+    try:
+        return StateDir(path)
+    except OSError as exc:
+        log.warning("state dir %s unusable (%s); transfers are kept in memory only, a restart starts them again",
+                    path, exc)
+        return None
 
 
 def probe_hardware(cfg: ClientConfig, device: torch.device) -> tuple[hardware.Hardware, power.PowerSource | None]:

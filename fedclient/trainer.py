@@ -32,6 +32,34 @@ class TrainSettings:
     # (compute_slowdown - 1) x that step's measured time. 1.0: off.
     compute_slowdown: float = 1.0
 
+    def validate(self) -> None:
+        """Raise ValueError, naming the setting, for values no training can run with."""
+        def whole(name: str, lo: int, hi: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"{name} {v!r} is outside {lo}..{hi}")
+
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate {self.learning_rate!r} is not a positive finite number")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay {self.weight_decay!r} is not a non-negative finite number")
+        whole("batch_size", 1, MAX_BATCH)
+        whole("local_steps", 0, MAX_STEPS)
+        whole("local_epochs", 0 if self.local_steps > 0 else 1, MAX_EPOCHS)
+        whole("max_input_tokens", 1, MAX_TOKENS)
+        whole("max_target_tokens", 1, MAX_TOKENS)
+        if not (math.isfinite(self.compute_slowdown) and self.compute_slowdown >= 1):
+            raise ValueError(f"compute_slowdown {self.compute_slowdown!r} must be at least 1")
+
+
+# Bounds of one round's local work that no real plan reaches; beyond them a task is a mistake, not work.
+MAX_BATCH = 1 << 16
+MAX_STEPS = 1_000_000
+MAX_EPOCHS = 10_000
+MAX_TOKENS = 1 << 16
+
 
 @dataclass
 class StepTimes:
@@ -92,8 +120,7 @@ def train_local(
     """
     if not examples:
         raise ValueError("train_local: no training examples")
-    if settings.local_steps <= 0 and settings.local_epochs <= 0:
-        raise ValueError("train_local: need local_epochs > 0 or local_steps > 0")
+    settings.validate()
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     synchronize(device)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from fedcore.wire import StateEncoder, StateReceiver, TransferSpec, WireError
+from fedcore.wire import StateEncoder, StateReceiver, TransferSpec, WireError, digest
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
@@ -22,6 +22,25 @@ log = logging.getLogger("fedclient.transfer")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
              grpc.StatusCode.DATA_LOSS, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+# The server is busy or out of reach for a while: a finished update waits it out until its task's deadline
+# (`Limits.until`) instead of counting these against the retries.
+BUSY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# What fedserver.rounds says (ABORTED) when what it staged cannot be resumed: send the update from its start.
+RESTART_HINT = "start from the beginning"
+
+
+class GaveUp(grpc.RpcError):
+    """A transfer out of attempts without an error of its own (the server kept answering 'incomplete')."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.ABORTED
+
+    def details(self) -> str:
+        return self._details
 
 
 @dataclass
@@ -53,7 +72,9 @@ class Limits:
     chunk for `stall_s` is cancelled and resumed: TCP alone would sit out a
     dead link for minutes.
     """
-    retries: int = 8  # attempts in a row without progress
+    retries: int = 8  # attempts in a row without progress (upload: without a chunk newly acknowledged)
+    max_attempts: int = 64  # upload: failed attempts in all, whatever the progress (busy waits before `until` aside)
+    until: float | None = None  # upload: time.monotonic() until which a BUSY server is waited for (None: no wait)
     stall_s: float = 60.0
     floor_s: float = 60.0
     safety: float = 3.0
@@ -173,13 +194,20 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
     stats = TransferStats()
     receiver: StateReceiver | None = None
     disk: DownloadStore | None = None  # `store`, once the manifest says this is a full model
+    from_disk = False  # the receiver started from chunks a previous process kept
     t0 = time.perf_counter()
     failures = 0
     while True:
         stats.attempts += 1
         start = receiver.next_position() if receiver is not None else None
         if receiver is not None and start is None:
-            return _finish_download(receiver, disk, base, stats, t0)  # the disk held every chunk
+            try:
+                return _finish_download(receiver, disk, base, stats, t0)  # the disk held every chunk
+            except WireError as exc:
+                if not _download_again(exc, from_disk):
+                    raise
+                receiver, disk, from_disk = None, None, False
+                continue
         held_before = receiver.bytes_received if receiver is not None else 0
         req = pb.DownloadRequest(device_id=device_id, session_id=session_id, model_version=version,
                                  encoding=encoding, codec=codec, base_version=base_version if base else "")
@@ -200,15 +228,8 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
                                                        f"this device holds {base_version[:19] or 'nothing'}")
                         # A delta decodes into fresh tensors, then adds to base; a full model goes in place.
                         disk = None if m.base_version else store
-                        held: list[tuple[int, int]] = []
-                        if disk is not None:
-                            into, held = disk.prepare(m)
-                        else:
-                            into = None if m.base_version else dest
-                        receiver = StateReceiver(m, dest=into)
-                        for ti, k in held:
-                            receiver.mark_held(ti, k)
-                        if held:
+                        receiver, disk, from_disk = _receiver(m, disk, None if m.base_version else dest)
+                        if from_disk:
                             # Resumed from disk: ask again from the first chunk not held.
                             raise _Restart()
                     elif (m.digest, m.base_version) != (receiver.manifest.digest, receiver.manifest.base_version):
@@ -228,6 +249,14 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
         except _Restart:
             stream.cancel()
             continue
+        except WireError as exc:
+            # Chunks kept by a previous process may be damaged where the log says verified (a torn write,
+            # a damaged log): the digest catches it, and the discarded partial is downloaded afresh, once.
+            if not _download_again(exc, from_disk):
+                raise
+            receiver, disk, from_disk = None, None, False
+            stream.cancel()
+            continue
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
             if dog.fired:
@@ -242,6 +271,37 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
             backoff(failures)
         finally:
             dog.close()
+
+
+def _download_again(exc: WireError, from_disk: bool) -> bool:
+    """Whether a failed download is worth one fresh start: its chunks came from a previous process's disk."""
+    if not (from_disk and exc.kind == "digest"):
+        return False
+    log.warning("the download resumed from disk failed its digest check (%s); the partial was discarded, "
+                "downloading again from the start", exc)
+    return True
+
+
+def _receiver(m: pb.Manifest, disk: DownloadStore | None, dest: Mapping[str, torch.Tensor] | None
+              ) -> tuple[StateReceiver, DownloadStore | None, bool]:
+    """A receiver for a full model (or delta) `m`, primed with the chunks `disk` kept; the store still in use
+    (None: receive in memory) and whether chunks came from disk."""
+    if disk is None:
+        return StateReceiver(m, dest=dest), None, False
+    into, held = disk.prepare(m)
+    if into is None:  # the state dir cannot hold it (logged): in memory
+        return StateReceiver(m, dest=dest), None, False
+    receiver = StateReceiver(m, dest=into)
+    try:
+        for ti, k in held:
+            receiver.mark_held(ti, k)
+    except WireError as exc:
+        log.warning("partial download in %s: its chunk log is damaged (%s); starting again", disk.dir, exc)
+        into, held = disk.prepare(m, fresh=True)
+        if into is None:
+            return StateReceiver(m, dest=dest), None, False
+        receiver = StateReceiver(m, dest=into)
+    return receiver, disk, bool(held)
 
 
 def _finish_download(receiver: StateReceiver, store: DownloadStore | None, base: Mapping[str, torch.Tensor] | None,
@@ -261,7 +321,9 @@ def _finish_download(receiver: StateReceiver, store: DownloadStore | None, base:
     stats.patched = is_delta and receiver.manifest.payload == pb.WEIGHTS
     stats.deltas = int(is_delta and not stats.patched)
     if store is not None:
-        store.complete(exact=stats.exact)
+        # Lossless: the manifest's digest was just verified; lossy: what is kept is hashed for the restart check.
+        verified = receiver.lossless and bool(receiver.manifest.digest)
+        store.complete(receiver.manifest.digest if verified else digest(state), exact=stats.exact)
     return state, stats
 
 
@@ -272,18 +334,26 @@ class _Restart(Exception):
 def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str, torch.Tensor],
            spec: TransferSpec, limits: Limits, backoff: Callable[[int], None], resume: bool = False,
            on_progress: Callable[[int], None] | None = None) -> tuple[pb.UploadReply, TransferStats]:
-    """Stream an update; after a break (or with `resume`, after a restart) ask the server where to resume."""
+    """Stream an update; after a break (or with `resume`, after a restart) ask the server where to resume.
+
+    The retries are bounded whatever the bytes sent: only a chunk the server newly acknowledges (its resume
+    point moves on) is progress, and `limits.max_attempts` caps the failed attempts in all. A server that is
+    busy or out of reach (BUSY) is waited out with backoff until `limits.until`, not counted: a finished
+    update is not dropped because the server was loaded for a while."""
     encoder = StateEncoder(state, spec)
     header.manifest.CopyFrom(encoder.manifest)
     stats = TransferStats()
+    budget = _Budget(limits)
     start: pb.Position | None = None
     if resume:
-        start, done = _resume_point(stub, header)
-        if done:
-            return pb.UploadReply(complete=True, digest=encoder.manifest.digest), stats
+        known = _resume_point(stub, header)
+        if known is not None:
+            start, done = known
+            if done:
+                return pb.UploadReply(complete=True, digest=encoder.manifest.digest), stats
+            budget.acked = _key(start)
     t0 = time.perf_counter()
     ever_sent: set[tuple[str, int]] = set()
-    failures = 0
     while True:
         stats.attempts += 1
         sent = {"bytes": 0, "at": 0.0}
@@ -325,34 +395,91 @@ def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str
             reply = future.result()
         except (grpc.RpcError, grpc.FutureCancelledError) as exc:
             code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.CANCELLED  # type: ignore
+            details = exc.details() if isinstance(exc, grpc.RpcError) else "cancelled"  # type: ignore
             stats.bytes += sent["bytes"]
             if dog.fired:
                 stats.stalls += 1
-            failures = 1 if sent["bytes"] else failures + 1
-            if code not in RETRYABLE or failures > limits.retries:
+            if code not in RETRYABLE:
                 raise
-            log.warning("upload broke (%s%s); asking the server where to resume",
-                        "no progress for %.0f s, " % limits.stall_s if dog.fired else "",
-                        f"{code.name}: {exc.details() if isinstance(exc, grpc.RpcError) else 'cancelled'}")  # type: ignore
-            backoff(failures)
-            start, done = _resume_point(stub, header)
-            if done:
-                stats.seconds = time.perf_counter() - t0
-                return pb.UploadReply(complete=True, digest=encoder.manifest.digest), stats
+            log.warning("upload broke (%s%s); %s", "no progress for %.0f s, " % limits.stall_s if dog.fired else "",
+                        f"{code.name}: {details}", budget.failed(code))
+            backoff(budget.attempt)
+            if code == grpc.StatusCode.ABORTED and RESTART_HINT in (details or ""):
+                # What the server staged does not fit this update: asking it where to resume would only
+                # repeat the refusal. The fresh start replaces the staged copy.
+                log.info("upload: sending task %s again from its start, as the server asks", header.task_id[:8])
+                start, budget.acked = None, None
+                budget.check(exc)
+                continue
+            known = _resume_point(stub, header)
+            if known is not None:
+                start, done = known
+                if done:
+                    stats.seconds = time.perf_counter() - t0
+                    return pb.UploadReply(complete=True, digest=encoder.manifest.digest), stats
+                budget.heard(start)
+            budget.check(exc)  # unknown resume point: the next attempt starts where this one did
             continue
         finally:
             dog.close()
-        done = time.perf_counter()
+        done_at = time.perf_counter()
         stats.bytes += sent["bytes"]
         if reply.complete:
-            stats.seconds = (sent["at"] or done) - t0
-            stats.wait_s = done - (sent["at"] or done)
+            stats.seconds = (sent["at"] or done_at) - t0
+            stats.wait_s = done_at - (sent["at"] or done_at)
             return reply, stats
-        failures += 1
-        if failures > limits.retries:
-            raise RuntimeError(f"upload incomplete after {stats.attempts} attempts; server holds up to "
-                               f"{_pos(reply.next)}")
-        start = reply.next
+        # The stream ended with the update incomplete at the server: resume where it says.
+        start = reply.next if reply.HasField("next") else None
+        budget.failed(grpc.StatusCode.ABORTED)
+        budget.heard(start)
+        budget.check(GaveUp(f"upload incomplete after {stats.attempts} attempts; the server holds up to "
+                            f"{_pos(start)}"))
+
+
+class _Budget:
+    """An upload's retry budget: failures in a row without a newly acknowledged chunk, failed attempts in all,
+    and for a busy server the task's deadline instead of a count."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.failures = 0  # in a row, without a chunk newly acknowledged
+        self.counted = 0  # failed attempts in all (busy ones before `until` aside)
+        self.busy = 0  # busy failures in a row, for the backoff
+        self.waiting = False  # the last failure was a busy server, waited out until `until`
+        self.acked: tuple[int, int] | None = None  # the furthest resume point the server named
+
+    def failed(self, code: grpc.StatusCode) -> str:
+        """Count a failed attempt; the log's words for what comes next."""
+        until = self.limits.until
+        self.waiting = code in BUSY and until is not None and time.monotonic() < until
+        if self.waiting:
+            self.busy += 1
+            return f"the update is kept, retrying until the task's deadline ({until - time.monotonic():.0f} s left)"
+        self.busy = 0
+        self.failures += 1
+        self.counted += 1
+        return "asking the server where to resume"
+
+    @property
+    def attempt(self) -> int:
+        """The backoff's attempt number."""
+        return self.busy if self.waiting else self.failures
+
+    def heard(self, position: pb.Position | None) -> None:
+        """The server's resume point: one beyond any it named before is real progress."""
+        key = _key(position)
+        if key is not None and (self.acked is None or key > self.acked):
+            self.acked = key
+            self.failures = min(self.failures, 1)
+
+    def check(self, exc: BaseException) -> None:
+        """Raise `exc` when the budget is spent."""
+        if not self.waiting and (self.failures > self.limits.retries or self.counted > self.limits.max_attempts):
+            raise exc
+
+
+def _key(position: pb.Position | None) -> tuple[int, int] | None:
+    return None if position is None else (position.tensor_index, position.offset)
 
 
 def _done_bytes(encoder: StateEncoder, start: pb.Position | None) -> int:
@@ -364,14 +491,15 @@ def _done_bytes(encoder: StateEncoder, start: pb.Position | None) -> int:
     return encoder.manifest.wire_bytes * before // total
 
 
-def _resume_point(stub: pbg.FederationStub, header: pb.UploadHeader) -> tuple[pb.Position | None, bool]:
-    """Where the server wants the upload to continue, and whether it already holds all of it."""
+def _resume_point(stub: pbg.FederationStub, header: pb.UploadHeader) -> tuple[pb.Position | None, bool] | None:
+    """Where the server wants the upload to continue (None: the start) and whether it already holds all of
+    it; None when the server could not be asked (the caller keeps its own idea)."""
     try:
         st = stub.UploadStatus(pb.UploadStatusRequest(device_id=header.device_id, session_id=header.session_id,
                                                       task_id=header.task_id), timeout=30)
     except grpc.RpcError as exc:
         if exc.code() in RETRYABLE:  # type: ignore[attr-defined]
-            return None, False
+            return None
         raise
     return (st.next if st.known and st.HasField("next") else None), st.complete
 

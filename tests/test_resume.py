@@ -92,10 +92,12 @@ def test_corrupt_disk_state_is_discarded_not_trusted(tmp_path):
     raw = bytearray(data.read_bytes())
     raw[0] ^= 0xFF  # a chunk the log calls verified is damaged on disk
     data.write_bytes(bytes(raw))
-    with pytest.raises(Exception, match="digest"):
-        download(FakeStub(state, []), "d", "s", "v", None, Limits(stall_s=0), no_wait,
-                 store=StateDir(tmp_path).downloads)
-    assert not list((tmp_path / "download").glob("*")), "a download that failed its digest is not kept"
+    # The resumed download fails its digest: the partial is thrown away and the model fetched from the start.
+    stub = FakeStub(state, [])
+    got, _ = download(stub, "d", "s", "v", None, Limits(stall_s=0), no_wait, store=StateDir(tmp_path).downloads)
+    assert digest(got) == digest(state)
+    assert stub.starts[-1] is None, "the second request starts from the beginning, not from the damaged partial"
+    assert StateDir(tmp_path).downloads.cached()[0] == digest(state), "only the fresh, verified copy is kept"
 
 
 class UploadFuture:
