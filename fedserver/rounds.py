@@ -335,18 +335,17 @@ class Coordinator:
             notes.append(f"unreadable ({e}), set aside as {set_aside(path).name}; rebuilt from the checkpoint")
         kept, seen = [], set()
         for s in found:
-            n = s.get("round")
-            if isinstance(n, int) and not isinstance(n, bool) and n < rnd and n not in seen:
+            n = _round_of(s)
+            if n is not None and n < rnd and n not in seen:
                 seen.add(n)
                 kept.append(s)
-        if committed is not None:
-            kept.append(committed)
-        else:
-            kept += [s for s in found if s.get("round") == rnd][:1]
+        ours = [s for s in found if s.get("round") == rnd]
+        kept += [committed] if committed is not None else ours[:1]
         if kept != found:
             if not notes:
-                notes.append(f"{len(found)} round summaries made {len(kept)} to agree with the checkpoint of round "
-                             f"{rnd} (uncommitted, repeated or missing rounds)")
+                dropped = len(found) - len(kept) + (1 if ours[:1] != kept[-1:] else 0)
+                notes.append(f"{dropped} summaries of uncommitted, repeated or unnumbered rounds dropped"
+                             + ("" if ours == kept[-1:] else f"; round {rnd}'s restored from its checkpoint"))
             log.warning("summary %s: %s", path, "; ".join(notes))
             write_json_atomic(path, {"config": _config_dict(self.cfg), "rounds": kept})
         return kept

@@ -99,6 +99,9 @@ class CheckpointError(ValueError):
 class DiskFull(OSError):
     """A durable write found no space; the message names the file and the space it needed."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)  # without OSError's "[Errno 28]" prefix: the message says it
+
 
 def _human(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB"):
