@@ -100,7 +100,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
-        raise ConfigError(f"{name}: cannot use {value!r} as {kind}", name) from exc
+        what = {"int": "an integer", "float": "a number", "str": "a string"}.get(kind, kind)
+        raise ConfigError(f"{name} must be {what}, got {value!r}", name) from exc
     return value
 
 
