@@ -6,49 +6,50 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.channel import ClientSecurity
-from fedcore.config import described
-from fedcore.metrics import split_listen
+from fedcore.config import ConfigError, check_fields, check_weights_dir, described
+
+POWER_SOURCES = ("auto", "none", "ina3221", "nvml", "rapl")
 
 
 @dataclass
 class ClientConfig:
-    server: str = field(default="127.0.0.1:50051", metadata=described("server address host:port (the device dials out)"))
+    server: str = field(default="127.0.0.1:50051", metadata=described("server address host:port (the device dials out)", address="dial"))
     device_id: str = field(default_factory=socket.gethostname, metadata=described("this device's id (default: hostname)"))
     # local data: never leaves the device
     data: str = field(default="builtin", metadata=described("'builtin' synthetic corpus or a Samsum JSON/JSONL file"))
-    data_size: int = field(default=2000, metadata=described("examples of the built-in corpus (or first N of a file; 0: all)"))
-    data_seed: int = field(default=0, metadata=described("seed of the built-in corpus and of the partition"))
-    partitions: int = field(default=0, metadata=described("split the data Dirichlet-wise into this many parts (0: keep all)"))
-    partition: int = field(default=0, metadata=described("which part this device keeps"))
-    alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split"))
+    data_size: int = field(default=2000, metadata=described("examples of the built-in corpus (or first N of a file; 0: all)", ge=0))
+    data_seed: int = field(default=0, metadata=described("seed of the built-in corpus and of the partition", ge=0, le=(1 << 32) - 1))
+    partitions: int = field(default=0, metadata=described("split the data Dirichlet-wise into this many parts (0: keep all)", ge=0))
+    partition: int = field(default=0, metadata=described("which part this device keeps", ge=0))
+    alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split", gt=0))
     # model
     weights_dir: Path | None = field(default=None, metadata=described("local Hugging Face dir for the tokenizer"))
     device: str = field(default="auto", metadata=described("torch device: auto, cpu, cuda, cuda:1"))
-    threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)"))
+    threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)", ge=0, le=4096))
     # hardware figures (MFU, power)
     hardware: str = field(default="", metadata=described("peak-table key for MFU, e.g. a100, agx-orin-64gb, "
                                                           "orin-nx-16gb (empty: detect)"))
-    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table (0: none)"))
-    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none"))
-    power_hz: float = field(default=5.0, metadata=described("power samples per second during local training"))
+    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table (0: none)", ge=0))
+    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none", choices=POWER_SOURCES))
+    power_hz: float = field(default=5.0, metadata=described("power samples per second during local training", gt=0, le=1000))
     # connection
-    retry_initial_s: float = field(default=1.0, metadata=described("first reconnect delay"))
-    retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)"))
-    transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload"))
+    retry_initial_s: float = field(default=1.0, metadata=described("first reconnect delay", gt=0))
+    retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)", gt=0))
+    transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload", ge=0, le=10000))
     stall_timeout_s: float = field(default=60.0, metadata=described("cancel and resume a transfer that moved no chunk "
-                                                                    "for this long"))
-    transfer_timeout_floor_s: float = field(default=60.0, metadata=described("shortest deadline of one transfer attempt"))
+                                                                    "for this long", gt=0))
+    transfer_timeout_floor_s: float = field(default=60.0, metadata=described("shortest deadline of one transfer attempt", gt=0))
     transfer_timeout_safety: float = field(default=3.0, metadata=described("transfer deadline: this x bytes left / "
-                                                                           "measured link rate (floor above)"))
+                                                                           "measured link rate (floor above)", ge=1))
     max_upload_mbit: float = field(default=0.0, metadata=described("cap this device's upload rate in Mbit/s, e.g. to "
-                                                                   "leave a shared uplink usable (0: no cap)"))
+                                                                   "leave a shared uplink usable (0: no cap)", ge=0))
     state_dir: Path | None = field(default=None, metadata=described(
         "directory for state kept across restarts: partial downloads, pending uploads and the error-feedback "
         "residual (unset: kept in memory only)"))
     # heterogeneity
     compute_slowdown: float = field(default=1.0, metadata=described("EMULATION of a slower device: sleep (factor-1) x "
-                                                                    "each measured training step (1: off)"))
-    max_batch_size: int = field(default=0, metadata=described("largest minibatch this device fits (0: the server's)"))
+                                                                    "each measured training step (1: off)", ge=1))
+    max_batch_size: int = field(default=0, metadata=described("largest minibatch this device fits (0: the server's)", ge=0))
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
     # security: TLS unless insecure is set explicitly
     tls_ca: Path | None = field(default=None, metadata=described("CA that signed the server certificate (PEM; "
@@ -66,32 +67,24 @@ class ClientConfig:
                               self.insecure)
     metrics_listen: str = field(default="", metadata=described(
         "host:port for Prometheus /metrics, plain HTTP: localhost or a management network only "
-        "(e.g. 127.0.0.1:9465; empty: off)"))
+        "(e.g. 127.0.0.1:9465; empty: off)", address="listen", empty=True))
 
     def validate(self) -> None:
-        if ":" not in self.server:
-            raise ValueError(f"server must be host:port, got {self.server!r}")
-        if self.partitions < 0 or (self.partitions and not 0 <= self.partition < self.partitions):
-            raise ValueError(f"partition {self.partition} is not in 0..{self.partitions - 1}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
-        if self.peak_tflops < 0 or self.power_hz <= 0:
-            raise ValueError("need peak_tflops >= 0 and power_hz > 0")
+        """Every value in its declared range (field metadata), then what depends on more than one field."""
+        check_fields(self)
+        if not self.device_id.strip():
+            raise ConfigError("device_id must not be empty", "device_id")
+        if self.partitions and not self.partition < self.partitions:
+            raise ConfigError(f"partition must be in 0..{self.partitions - 1} (partitions - 1), got "
+                              f"{self.partition}", "partition")
+        if self.weights_dir is not None:
+            check_weights_dir(self.weights_dir)
         if self.hardware:
             from fedcore.hardware import from_table
             from_table(self.hardware)  # raises with the known keys
-        if self.power_source not in ("auto", "none", "ina3221", "nvml", "rapl"):
-            raise ValueError(f"power_source must be auto, none, ina3221, nvml or rapl, got {self.power_source!r}")
-        if self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
-            raise ValueError("need 0 < retry_initial_s <= retry_max_s")
-        if self.compute_slowdown < 1:
-            raise ValueError(f"compute_slowdown must be >= 1, got {self.compute_slowdown}")
-        if self.stall_timeout_s <= 0 or self.transfer_timeout_floor_s <= 0 or self.transfer_timeout_safety < 1:
-            raise ValueError("need stall_timeout_s > 0, transfer_timeout_floor_s > 0, transfer_timeout_safety >= 1")
-        if self.max_batch_size < 0:
-            raise ValueError(f"max_batch_size must be >= 0, got {self.max_batch_size}")
-        if self.metrics_listen:
-            split_listen(self.metrics_listen)
+        if self.retry_max_s < self.retry_initial_s:
+            raise ConfigError(f"retry_max_s must be at least retry_initial_s ({self.retry_initial_s:g}), got "
+                              f"{self.retry_max_s:g}", "retry_max_s")
         self.security().validate()
 
 
@@ -100,22 +93,24 @@ class BenchConfig:
     """`fedclient bench` settings; lengths default to the study's 512 input and 95 target tokens."""
 
     preset: list[str] = field(default_factory=lambda: ["small"], metadata=described("model presets, comma-separated"))
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata=described("minibatch sizes, comma-separated"))
-    steps: int = field(default=5, metadata=described("timed steps per configuration"))
-    warmup: int = field(default=1, metadata=described("untimed steps before them"))
-    input_tokens: int = field(default=512, metadata=described("input tokens per item"))
-    target_tokens: int = field(default=95, metadata=described("target tokens per item"))
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata=described("minibatch sizes, comma-separated", ge=1))
+    steps: int = field(default=5, metadata=described("timed steps per configuration", ge=1))
+    warmup: int = field(default=1, metadata=described("untimed steps before them", ge=0))
+    input_tokens: int = field(default=512, metadata=described("input tokens per item", ge=1))
+    target_tokens: int = field(default=95, metadata=described("target tokens per item", ge=1))
     device: str = field(default="auto", metadata=described("torch device: auto, cpu, cuda, cuda:1"))
-    threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)"))
+    threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)", ge=0, le=4096))
     hardware: str = field(default="", metadata=described("peak-table key for MFU (empty: detect)"))
-    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table"))
-    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none"))
-    power_hz: float = field(default=5.0, metadata=described("power samples per second"))
-    seed: int = field(default=0, metadata=described("seed of the random weights and token ids"))
+    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table", ge=0))
+    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none",
+                                                                 choices=POWER_SOURCES))
+    power_hz: float = field(default=5.0, metadata=described("power samples per second", gt=0, le=1000))
+    seed: int = field(default=0, metadata=described("seed of the random weights and token ids", ge=0, le=(1 << 32) - 1))
 
     def validate(self) -> None:
         from fedcore.models import PRESETS
 
+        check_fields(self)
         unknown = [p for p in self.preset if p.lower() not in PRESETS]
         if unknown:
             raise ValueError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")

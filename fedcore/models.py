@@ -10,6 +10,8 @@ import torch
 import transformers
 from transformers import T5Config, T5ForConditionalGeneration
 
+from fedcore.config import check_weights_dir
+
 log = logging.getLogger("fedcore.models")
 
 
@@ -107,7 +109,7 @@ def build_model(
     """Load weights from a local HF directory, or build the preset randomly initialised (logged)."""
     preset = get_preset(preset_or_name)
     if weights_dir is not None:
-        model = T5ForConditionalGeneration.from_pretrained(Path(weights_dir), local_files_only=True)
+        model = T5ForConditionalGeneration.from_pretrained(check_weights_dir(weights_dir), local_files_only=True)
         cfg = model.config
         if (cfg.d_model, cfg.num_layers, cfg.vocab_size) != (preset.d_model, preset.num_layers, preset.vocab_size):
             log.warning("weights in %s (d_model=%d, layers=%d, vocab=%d) do not match preset %s",
@@ -142,7 +144,7 @@ def model_from_config_json(json_str: str, seed: int = 0) -> T5ForConditionalGene
 def load_tokenizer(weights_dir: Path | None = None) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer saved with the weights, or ByT5's byte tokenizer (needs no files)."""
     if weights_dir is not None:
-        tok = transformers.AutoTokenizer.from_pretrained(Path(weights_dir), local_files_only=True)
+        tok = transformers.AutoTokenizer.from_pretrained(check_weights_dir(weights_dir), local_files_only=True)
         log.info("loaded tokenizer from %s", weights_dir)
         return tok
     log.info("no weights directory: using the file-less ByT5 byte tokenizer")

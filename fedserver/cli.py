@@ -9,6 +9,7 @@ from fedcore import config as cfgmod
 from fedcore import logs
 
 from .config import ServerConfig
+from .errors import StateMismatch
 from .simulate import SimulateConfig
 from .status import StatusConfig
 
@@ -121,14 +122,28 @@ COMMANDS = {"run": cmd_run, "simulate": cmd_simulate, "certs": cmd_certs, "statu
             "report": cmd_report}
 
 
+# Exit statuses: a config or run directory that cannot be used will not fix itself, so systemd does not
+# restart on EXIT_UNUSABLE (RestartPreventExitStatus in systemd/fedserver.service); the machine's state
+# (a port in use, a full disk) may change, so EXIT_ENVIRONMENT is restarted (within StartLimitBurst).
+EXIT_UNUSABLE = 2
+EXIT_ENVIRONMENT = 1
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    # One line, whatever the message holds: journald and a terminal both show it whole.
+    print(f"fedserver: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     ap, _ = build_parser()
     args = ap.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (cfgmod.ConfigError, ValueError, OSError) as exc:
-        print(f"fedserver {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except (cfgmod.ConfigError, ValueError, StateMismatch) as exc:  # CheckpointError is a ValueError
+        return _fail(exc, EXIT_UNUSABLE)
+    except OSError as exc:
+        return _fail(exc, EXIT_ENVIRONMENT)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from fedtune.v1 import fedtune_pb2 as pb
 from .config import ServerConfig
 from .linkplan import LinkEstimate, choose_upload_encoding
 from .registry import Device, Registry
-from .storage import CheckpointDir, RoundLog, write_json_atomic
+from .storage import CheckpointDir, CheckpointError, RoundLog, StateMismatch, set_aside, write_json_atomic
 from .strategy import RunningMean, ServerStrategy
 from .transfers import TransferBoard
 from .versions import DeltaHistory, DeltaStep
@@ -245,61 +245,115 @@ class Coordinator:
         self._encoders.clear()
 
     def _resume(self) -> None:
-        latest = self.checkpoints.load_latest()
+        latest = self.checkpoints.load_latest(self._resumable)
         if latest is None:
-            self._reconcile_logs(0, {})
+            self._reconcile_logs(0, None, None)
             return
-        rnd, tensors, meta = latest
+        rnd, found, _ = latest
+        self.state, self.version = found.model, found.version
+        self.versions = found.versions or [self.version]
+        self.broadcast_ef.commit(found.residual)
+        if found.opt:
+            try:
+                self.strategy.load_state_dict(found.opt)
+            except ValueError as e:
+                raise StateMismatch(f"checkpoint round {rnd} holds optimizer state {self.strategy.name} cannot "
+                                    f"take ({e}); use the run's strategy or another --out") from None
+        self.round_no = rnd
+        self._reconcile_logs(rnd, found.records, found.summary)
+        log.info("resumed from checkpoint of round %d (model %s)", rnd, self.version[:19])
+
+    def _resumable(self, rnd: int, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> _Resumed:
+        """Split a verified checkpoint into what a resumed server uses.
+
+        Raises StateMismatch for a run this server's settings cannot continue
+        (another preset, LoRA setting or strategy: nothing to fall back on) and
+        CheckpointError for content that is not what the file says it is.
+        """
+        def mismatch(why: str) -> StateMismatch:
+            return StateMismatch(f"checkpoint round {rnd} in {self.checkpoints.root} {why}; use the run's "
+                                 f"settings or another --out")
+
         written = meta.get("lora", "")
         if written != (self.lora.describe() if self.lora else ""):
-            raise RuntimeError(f"checkpoint round {rnd} was written {'with ' + written if written else 'without LoRA'}"
-                               f", this server is set for {self.lora.describe() if self.lora else 'full fine-tuning'}; "
-                               f"use the run's settings or another --out")
+            raise mismatch(f"was written {'with ' + written if written else 'without LoRA'}, this server is set "
+                           f"for {self.lora.describe() if self.lora else 'full fine-tuning'}")
+        if meta.get("strategy", self.strategy.name) != self.strategy.name:
+            raise mismatch(f"was written by strategy {meta['strategy']}, this server runs {self.strategy.name}")
         model = {k: v for k, v in tensors.items() if not k.startswith((OPT_PREFIX, EF_PREFIX, LORA_BASE_PREFIX))}
         # LoRA: the adapted layers' unmerged weights replace the merged ones.
         model.update({k[len(LORA_BASE_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_BASE_PREFIX)})
-        opt = {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
-        self.broadcast_ef.commit({k[len(EF_PREFIX):]: v for k, v in tensors.items() if k.startswith(EF_PREFIX)})
         missing = set(self.state) - set(model)
         if missing:
-            raise RuntimeError(f"checkpoint round {rnd} lacks {len(missing)} model tensors, e.g. {sorted(missing)[0]}; "
-                               f"is --out pointing at a run of another preset?")
-        self.state = {k: model[k] for k in self.state}
-        self.version = state_digest(unique_tensors(self.state))
-        if meta.get("version") and meta["version"] != self.version:
-            raise RuntimeError(f"checkpoint round {rnd}: its model has digest {self.version[:19]}..., the "
-                               f"checkpoint says {meta['version'][:19]}...; the file is damaged")
-        self.versions = json.loads(meta.get("versions", "[]")) or [self.version]
-        if opt:
-            self.strategy.load_state_dict(opt)
-        self.round_no = rnd
-        self._reconcile_logs(rnd, meta)
-        log.info("resumed from checkpoint of round %d (model %s)", rnd, self.version[:19])
+            raise mismatch(f"lacks {len(missing)} model tensors, e.g. {sorted(missing)[0]} (a run of another "
+                           f"preset?)")
+        for k, t in self.state.items():
+            if (model[k].dtype, model[k].shape) != (t.dtype, t.shape):
+                raise mismatch(f"holds {k} as {model[k].dtype} {tuple(model[k].shape)}, this model has "
+                               f"{t.dtype} {tuple(t.shape)} (a run of another preset?)")
+        model = {k: model[k] for k in self.state}
+        version = state_digest(unique_tensors(model))
+        if meta.get("version") and meta["version"] != version:
+            raise CheckpointError(f"checkpoint round {rnd}: its model has digest {version[:19]}..., the "
+                                  f"checkpoint says {meta['version'][:19]}...; the file is damaged")
+        return _Resumed(model, version,
+                        {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)},
+                        {k[len(EF_PREFIX):]: v for k, v in tensors.items() if k.startswith(EF_PREFIX)},
+                        _meta_json(meta, "versions", str, rnd), _meta_json(meta, "round_records", dict, rnd),
+                        _meta_json(meta, "round_summary", None, rnd))
 
-    def _reconcile_logs(self, rnd: int, meta: Mapping[str, str]) -> None:
+    def _reconcile_logs(self, rnd: int, records: list[dict[str, Any]] | None,
+                        summary: dict[str, Any] | None) -> None:
         """Make rounds.jsonl and summary.json agree with the checkpoint, the commit point of a round.
 
         A crash can leave records of a round that never committed (it will
-        run again) or lose the records of one that did (the checkpoint carries
-        a copy): drop the first, restore the second, so the log has every
-        round once.
+        run again), lose some or all records of one that did (the checkpoint
+        carries a copy), or repeat an append: the log ends with every
+        committed round's records exactly as its checkpoint holds them, and
+        each change is said in one warning.
         """
-        records = self.round_log.read()
-        kept = [r for r in records if r.get("round", 0) <= rnd]
-        if rnd and not any(r.get("round") == rnd for r in kept) and "round_records" in meta:
-            kept += json.loads(meta["round_records"])
-        if kept != records:
-            log.warning("round log: %d record(s) of uncommitted rounds dropped, %d restored from the checkpoint",
-                        sum(1 for r in records if r.get("round", 0) > rnd), max(0, len(kept) - len(records)))
+        path = self.round_log.path
+        found, bad = self.round_log.salvage()
+        kept, notes = reconcile_records(found, rnd, records)
+        if bad:
+            notes.insert(0, f"corrupt line(s) {', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''} "
+                            f"skipped (the file as it was is kept as {set_aside(path, copy=True).name})")
+        if notes:
+            log.warning("round log %s: %s", path, "; ".join(notes))
             self.round_log.rewrite(kept)
-        summary_path = self.out / "summary.json"
-        if summary_path.exists():
-            self.summaries = [s for s in json.loads(summary_path.read_text()).get("rounds", [])
-                              if s.get("round", 0) <= rnd]
-        if rnd and not any(s.get("round") == rnd for s in self.summaries) and "round_summary" in meta:
-            self.summaries.append(json.loads(meta["round_summary"]))
+        self.summaries = self._reconciled_summaries(rnd, summary)
+
+    def _reconciled_summaries(self, rnd: int, committed: dict[str, Any] | None) -> list[dict[str, Any]]:
+        """summary.json's rounds up to `rnd`, round `rnd` as its checkpoint holds it; rewritten if that changed.
+
+        summary.json is derived data: one that cannot be read is set aside
+        (never deleted) and rebuilt from what the checkpoint holds.
+        """
         if not rnd:
-            self.summaries = []
+            return []
+        path = self.out / "summary.json"
+        notes: list[str] = []
+        try:
+            found = _read_summaries(path)
+        except ValueError as e:
+            found = []
+            notes.append(f"unreadable ({e}), set aside as {set_aside(path).name}; rebuilt from the checkpoint")
+        kept, seen = [], set()
+        for s in found:
+            n = _round_of(s)
+            if n is not None and n < rnd and n not in seen:
+                seen.add(n)
+                kept.append(s)
+        ours = [s for s in found if s.get("round") == rnd]
+        kept += [committed] if committed is not None else ours[:1]
+        if kept != found:
+            if not notes:
+                dropped = len(found) - len(kept) + (1 if ours[:1] != kept[-1:] else 0)
+                notes.append(f"{dropped} summaries of uncommitted, repeated or unnumbered rounds dropped"
+                             + ("" if ours == kept[-1:] else f"; round {rnd}'s restored from its checkpoint"))
+            log.warning("summary %s: %s", path, "; ".join(notes))
+            write_json_atomic(path, {"config": _config_dict(self.cfg), "rounds": kept})
+        return kept
 
     # ------------------------------------------------------------- devices
     def join(self, device_id: str, num_samples: int, capabilities: dict[str, Any]) -> Device:
@@ -1123,6 +1177,94 @@ def weight_bound(a: Assignment, batch_size: int, local_epochs: int) -> tuple[int
     if a.local_steps > 0:
         return a.local_steps * per_step, f"{a.local_steps} steps x batch {per_step} of {reg} registered samples"
     return local_epochs * reg, f"{local_epochs} epoch(s) of {reg} registered samples"
+
+@dataclass
+class _Resumed:
+    """A checkpoint taken apart for a resumed server."""
+
+    model: dict[str, torch.Tensor]
+    version: str
+    opt: dict[str, torch.Tensor]
+    residual: dict[str, torch.Tensor]
+    versions: list[str] | None
+    records: list[dict[str, Any]] | None
+    summary: dict[str, Any] | None
+
+
+def _meta_json(meta: Mapping[str, str], key: str, item: type | None, rnd: int) -> Any:
+    """A JSON list of `item`s (item None: an object) from a checkpoint's metadata, None if absent."""
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint round {rnd}: metadata {key} is not JSON ({e})") from None
+    ok = isinstance(value, dict) if item is None else (
+        isinstance(value, list) and all(isinstance(v, item) for v in value))
+    if not ok:
+        raise CheckpointError(f"checkpoint round {rnd}: metadata {key} is not "
+                              f"{'a JSON object' if item is None else 'a list of ' + item.__name__}")
+    return value
+
+
+def _read_summaries(path: Path) -> list[dict[str, Any]]:
+    """The rounds of summary.json ([] if there is none); ValueError says why it cannot be read."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not JSON: {e}") from None
+    rounds = data.get("rounds") if isinstance(data, dict) else None
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+        raise ValueError("no list of round summaries under 'rounds'")
+    return rounds
+
+
+def _round_of(rec: Mapping[str, Any]) -> int | None:
+    n = rec.get("round")
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def reconcile_records(records: list[dict[str, Any]], rnd: int, committed: list[dict[str, Any]] | None
+                      ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The round log as the checkpoint of round `rnd` says it must be, and what had to change ([]: nothing).
+
+    Rounds after `rnd` never committed and records without a round number
+    are dropped, repeated records kept once, and the committed attempt of
+    round `rnd` made exactly the checkpoint's copy `committed`. Records of its
+    failed attempts and of earlier rounds stay as they are.
+    """
+    notes: list[str] = []
+    kept: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    beyond = malformed = repeated = 0
+    for r in records:
+        n = _round_of(r)
+        if n is None:
+            malformed += 1
+            continue
+        if n > rnd:
+            beyond += 1
+            continue
+        key = json.dumps(r, sort_keys=True)
+        if key in seen:
+            repeated += 1
+            continue
+        seen.add(key)
+        kept.append(r)
+    for count, what in ((beyond, "of uncommitted rounds"), (malformed, "without a round number"),
+                        (repeated, "repeated")):
+        if count:
+            notes.append(f"{count} record(s) {what} dropped")
+    if rnd and committed is not None:
+        attempt = committed[0].get("attempt") if committed else None
+        ours = [r for r in kept if r["round"] == rnd and r.get("attempt") == attempt]
+        if ours != committed:
+            kept = [r for r in kept if not (r["round"] == rnd and r.get("attempt") == attempt)] + committed
+            notes.append(f"round {rnd}: {len(ours)} record(s) in the log, {len(committed)} in its checkpoint; "
+                         f"restored the checkpoint's copy")
+    return kept, notes
 
 
 def _expected(e: Mapping[str, float], steps: int, batch_ratio: float = 1.0) -> float | None:

@@ -21,77 +21,79 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedcore.config import described, to_dict
+from fedcore.config import ConfigError, check_fields, described, to_dict
 from fedcore.hwreport import efficiency_lines
 
-from .config import ServerConfig
+from .config import INT32, PAYLOADS, ROUND_POLICIES, STRATEGIES, WIRE_CODECS, WIRE_ENCODINGS, ServerConfig
 
 
 @dataclass
 class SimulateConfig:
     out: Path = field(default=Path("runs/simulate"), metadata=described("run directory (rounds.jsonl, summary.json, logs/)"))
     preset: str = field(default="tiny", metadata=described("model preset: tiny, small, base, large, xl"))
-    rounds: int = field(default=8, metadata=described("federated rounds"))
-    devices: int = field(default=10, metadata=described("device daemons to start"))
-    devices_per_round: int = field(default=3, metadata=described("devices sampled each round"))
+    rounds: int = field(default=8, metadata=described("federated rounds", ge=1, le=INT32))
+    devices: int = field(default=10, metadata=described("device daemons to start", ge=1, le=1000))
+    devices_per_round: int = field(default=3, metadata=described("devices sampled each round", ge=1, le=1000))
     encoding: str = field(default="fp32", metadata=described("wire encoding, both directions: fp32, fp16, bf16, int8, "
-                                                             "nf4, int4"))
-    codec: str = field(default="none", metadata=described("wire codec, both directions: none, zstd or zstd-bg"))
-    download_encoding: str | None = field(default=None, metadata=described("full-model downloads (default: --encoding)"))
-    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)"))
+                                                             "nf4, int4", choices=WIRE_ENCODINGS))
+    codec: str = field(default="none", metadata=described("wire codec, both directions: none, zstd or zstd-bg", choices=WIRE_CODECS))
+    download_encoding: str | None = field(default=None, metadata=described("full-model downloads (default: --encoding)", choices=WIRE_ENCODINGS))
+    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)", choices=PAYLOADS))
     error_feedback: bool = field(default=False, metadata=described("delta uploads carry the quantization residual on"))
     download_payload: str = field(default="weights", metadata=described("'delta': quantized broadcast deltas to "
-                                                                        "devices holding a recent version"))
-    download_delta_encoding: str = field(default="int8", metadata=described("encoding of broadcast deltas"))
+                                                                        "devices holding a recent version", choices=PAYLOADS))
+    download_delta_encoding: str = field(default="int8", metadata=described("encoding of broadcast deltas", choices=WIRE_ENCODINGS))
     link_aware: bool = field(default=False, metadata=described("choose each device's upload encoding from its "
                                                                "measured link (see fedserver run --help)"))
-    link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G per device"))
-    link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round"))
+    link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G per device", ge=0))
+    link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round", ge=0))
     lora_rank: int = field(default=0, metadata=described("LoRA rank: devices train and upload only the adapters' B "
-                                                         "matrices (0: full fine-tuning)"))
-    lora_alpha: float = field(default=0.0, metadata=described("LoRA alpha (0: 2 x lora_rank)"))
+                                                         "matrices (0: full fine-tuning)", ge=0, le=4096))
+    lora_alpha: float = field(default=0.0, metadata=described("LoRA alpha (0: 2 x lora_rank)", ge=0))
     lora_targets: str = field(default="q,v", metadata=described("T5 linear layers that get adapters, e.g. q,v"))
-    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training"))
-    strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi"))
-    server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)"))
-    local_epochs: int = field(default=1, metadata=described("local epochs per round"))
-    local_steps: int = field(default=0, metadata=described("local steps per round (0: use local_epochs)"))
-    batch_size: int = field(default=32, metadata=described("local minibatch size"))
-    learning_rate: float = field(default=1e-3, metadata=described("local AdamW learning rate"))
-    max_input_tokens: int = field(default=512, metadata=described("dialogue tokens kept"))
-    max_target_tokens: int = field(default=95, metadata=described("summary tokens kept and generated"))
+    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training", ge=0, lt=1))
+    strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi", choices=STRATEGIES))
+    server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)", gt=0))
+    local_epochs: int = field(default=1, metadata=described("local epochs per round", ge=1, le=INT32))
+    local_steps: int = field(default=0, metadata=described("local steps per round (0: use local_epochs)", ge=0, le=INT32))
+    batch_size: int = field(default=32, metadata=described("local minibatch size", ge=1, le=INT32))
+    learning_rate: float = field(default=1e-3, metadata=described("local AdamW learning rate", gt=0))
+    max_input_tokens: int = field(default=512, metadata=described("dialogue tokens kept", ge=1, le=INT32))
+    max_target_tokens: int = field(default=95, metadata=described("summary tokens kept and generated", ge=1, le=INT32))
     data: str = field(default="builtin", metadata=described("'builtin' or a Samsum JSON/JSONL file split over the devices"))
-    data_size: int = field(default=2000, metadata=described("training examples over all devices"))
-    alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split over devices"))
-    eval_size: int = field(default=48, metadata=described("held-out examples evaluated each round"))
+    data_size: int = field(default=2000, metadata=described("training examples over all devices", ge=1))
+    alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split over devices", gt=0))
+    eval_size: int = field(default=48, metadata=described("held-out examples evaluated each round", ge=0))
     weights_dir: Path | None = field(default=None, metadata=described("local Hugging Face dir with FLAN-T5 weights"))
-    seed: int = field(default=0, metadata=described("seed of data, split, sampling and init"))
-    round_deadline_s: float = field(default=600.0, metadata=described("seconds a round waits for its updates"))
-    threads_per_device: int = field(default=1, metadata=described("torch threads per daemon"))
+    seed: int = field(default=0, metadata=described("seed of data, split, sampling and init", ge=0, le=(1 << 32) - 1))
+    round_deadline_s: float = field(default=600.0, metadata=described("seconds a round waits for its updates", gt=0))
+    threads_per_device: int = field(default=1, metadata=described("torch threads per daemon", ge=0, le=4096))
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
-    round_policy: str = field(default="steps", metadata=described("steps, samples or time (see fedserver run --help)"))
-    local_samples: int = field(default=0, metadata=described("policy samples: samples per device (0: steps x batch)"))
-    time_budget_s: float = field(default=0.0, metadata=described("policy time: seconds per round (0: derived)"))
+    round_policy: str = field(default="steps", metadata=described("steps, samples or time (see fedserver run --help)", choices=ROUND_POLICIES))
+    local_samples: int = field(default=0, metadata=described("policy samples: samples per device (0: steps x batch)", ge=0, le=INT32))
+    time_budget_s: float = field(default=0.0, metadata=described("policy time: seconds per round (0: derived)", ge=0))
     compute_slowdown: list[float] = field(default_factory=list, metadata=described(
-        "per device (comma-separated, one value for all): EMULATED compute slowdown factor"))
+        "per device (comma-separated, one value for all): EMULATED compute slowdown factor", ge=1))
     max_batch_size: list[int] = field(default_factory=list, metadata=described(
-        "per device (comma-separated, one value for all): largest minibatch the device fits (0: server's)"))
-    max_upload_mbit: float = field(default=0.0, metadata=described("cap every device's upload rate (Mbit/s, 0: none)"))
-    chunk_elems: int = field(default=1 << 18, metadata=described("elements per wire chunk (both directions)"))
+        "per device (comma-separated, one value for all): largest minibatch the device fits (0: server's)", ge=0))
+    max_upload_mbit: float = field(default=0.0, metadata=described("cap every device's upload rate (Mbit/s, 0: none)", ge=0))
+    chunk_elems: int = field(default=1 << 18, metadata=described("elements per wire chunk (both directions)", ge=1, le=INT32))
     stall_timeout_s: float = field(default=60.0, metadata=described("devices cancel and resume a transfer stalled "
-                                                                    "this long"))
+                                                                    "this long", gt=0))
     metrics_port: int = field(default=0, metadata=described("serve Prometheus /metrics: the server on 127.0.0.1:PORT, "
-                                                            "device i on PORT+1+i (0: off)"))
+                                                            "device i on PORT+1+i (0: off)", ge=0, le=65535))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
     insecure: bool = field(default=False, metadata=described("plaintext gRPC instead of mutual TLS with a fleet of "
                                                          "certificates made in OUT/certs"))
 
     def validate(self) -> None:
-        if self.devices < 1 or not 1 <= self.devices_per_round <= self.devices:
-            raise ValueError(f"need 1 <= devices_per_round ({self.devices_per_round}) <= devices ({self.devices})")
-        if self.metrics_port and not 0 < self.metrics_port + self.devices < 65536:
-            raise ValueError(f"metrics_port {self.metrics_port}: the devices' ports would pass 65535")
+        check_fields(self)
+        if self.devices_per_round > self.devices:
+            raise ConfigError(f"devices_per_round must be at most devices ({self.devices}), got "
+                              f"{self.devices_per_round}", "devices_per_round")
+        if self.metrics_port and not self.metrics_port + self.devices < 65536:
+            raise ConfigError(f"metrics_port {self.metrics_port}: the devices' ports would pass 65535", "metrics_port")
         # Certificates are made when the run starts; check everything else now.
         dataclasses.replace(self.server_config(Path("."), 0), insecure=True).validate()
         for name in ("compute_slowdown", "max_batch_size"):

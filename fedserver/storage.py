@@ -11,14 +11,26 @@ whole model is built in memory whatever the installed safetensors version.
 Reading uses the safetensors library. Tensors that share storage (T5's tied
 embedding) are stored once; the alias is recorded in the file's metadata and
 the tie is restored on load.
+
+Every checkpoint carries a SHA-256 digest of the whole file (its header with
+the digest field zeroed, then every tensor's bytes) in its metadata, checked
+before anything in it is used: the model, the server optimizer's moments, the
+broadcast residual, LoRA's base weights and the round records alike. A file
+written before the digest existed still loads, with a warning that it is
+unverified; stripping the field is no easier than recomputing it, so the
+digest guards against accidents (torn writes, bit rot, a stray ``dd``), not
+against someone who may write the run directory.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -28,8 +40,12 @@ from typing import Any, Callable, BinaryIO, Mapping
 import torch
 from torch import Tensor
 
+from .errors import StateMismatch
+
 __all__ = [
     "CheckpointError",
+    "DiskFull",
+    "StateMismatch",
     "save_checkpoint",
     "load_checkpoint",
     "write_json_atomic",
@@ -43,6 +59,12 @@ log = logging.getLogger(__name__)
 _RESERVED_PREFIX = "fedtune."
 _ALIASES_KEY = "fedtune.aliases"
 _ORDER_KEY = "fedtune.order"
+_DIGEST_KEY = "fedtune.digest"
+_DIGEST_PREFIX = "sha256:"
+# Written first in the header so its place is known; the hex is filled in once the data is hashed.
+_DIGEST_FIELD = f'"{_DIGEST_KEY}":"{_DIGEST_PREFIX}'.encode()
+_DIGEST_HEX = 64
+_HASH_BLOCK = 16 << 20
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -74,6 +96,34 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or inconsistent."""
 
 
+class DiskFull(OSError):
+    """A durable write found no space; the message names the file and the space it needed."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # without OSError's "[Errno 28]" prefix: the message says it
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _no_space(path: Path, needed: int, exc: OSError) -> DiskFull:
+    try:
+        free = f", {_human(shutil.disk_usage(path.parent).free)} free"
+    except OSError:
+        free = ""
+    return DiskFull(exc.errno, f"no space left to write {path}: it needs {_human(needed)}{free} "
+                               f"({os.strerror(exc.errno or errno.ENOSPC)})")
+
+
+def _is_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _fsync_dir(directory: Path) -> None:
     # Without this the rename itself may be lost on power failure.
     fd = os.open(directory, os.O_RDONLY)
@@ -83,30 +133,41 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` via a temp file in the same directory, fsync and rename."""
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None], size: int) -> None:
+    """Write ``path`` (``size`` bytes) via a temp file in the same directory, fsync and rename.
+
+    On any failure the temp file is removed and the old ``path`` is untouched;
+    a full disk raises :class:`DiskFull` naming the file and the space needed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        if _is_full(exc):
+            raise _no_space(path, size, exc) from exc
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        _fsync_dir(path.parent)
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and _is_full(exc):
+            raise _no_space(path, size, exc) from exc
         raise
-    _fsync_dir(path.parent)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-    _atomic_write(Path(path), lambda f: f.write(data))
+    _atomic_write(Path(path), lambda f: f.write(data), len(data))
 
 
 def _find_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, str], list[str]]:
@@ -152,13 +213,24 @@ def _write_tensor(f: BinaryIO, t: Tensor) -> None:
         f.write(memoryview(block.view(torch.uint8).numpy()))
 
 
+class _HashingWriter:
+    """Passes writes to a file and hashes them on the way."""
+
+    def __init__(self, f: BinaryIO, h: Any) -> None:
+        self.f, self.h = f, h
+
+    def write(self, data: Any) -> int:
+        self.h.update(data)
+        return self.f.write(data)
+
+
 def save_checkpoint(path: Path, state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
     """Write ``state`` and string ``metadata`` to a safetensors file atomically.
 
     Tensors that are the same view of one storage are stored once and tied
     again by :func:`load_checkpoint`; other overlapping views are stored as
     independent copies (with a warning). Metadata keys starting with
-    ``fedtune.`` are reserved.
+    ``fedtune.`` are reserved. The file's digest goes into its metadata.
     """
     if sys.byteorder != "little":
         raise RuntimeError("safetensors files are little-endian; this writer does not byte-swap")
@@ -176,7 +248,12 @@ def save_checkpoint(path: Path, state: Mapping[str, Tensor], metadata: Mapping[s
     if partial:
         log.warning("tensors %s overlap in memory but are different views; storing separate copies", partial[:5])
 
-    header: dict[str, Any] = {}
+    # The digest field comes first, so its place in the header is fixed.
+    meta: dict[str, str] = {_DIGEST_KEY: _DIGEST_PREFIX + "0" * _DIGEST_HEX, **metadata}
+    meta[_ORDER_KEY] = json.dumps(list(state))
+    if aliases:
+        meta[_ALIASES_KEY] = json.dumps(aliases)
+    header: dict[str, Any] = {"__metadata__": meta}
     offset = 0
     stored: list[str] = []
     for name, t in state.items():
@@ -186,36 +263,99 @@ def save_checkpoint(path: Path, state: Mapping[str, Tensor], metadata: Mapping[s
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
         stored.append(name)
-    meta = dict(metadata)
-    meta[_ORDER_KEY] = json.dumps(list(state))
-    if aliases:
-        meta[_ALIASES_KEY] = json.dumps(aliases)
-    header["__metadata__"] = meta
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    hex_at = 8 + raw.index(_DIGEST_FIELD) + len(_DIGEST_FIELD)
 
     def write(f: BinaryIO) -> None:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+        h = hashlib.sha256()
+        out = _HashingWriter(f, h)
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
         for name in stored:
-            _write_tensor(f, state[name])
+            _write_tensor(out, state[name])  # type: ignore[arg-type]
+        f.seek(hex_at)
+        f.write(h.hexdigest().encode("ascii"))
+        f.seek(0, os.SEEK_END)
 
-    _atomic_write(Path(path), write)
+    _atomic_write(Path(path), write, 8 + len(raw) + offset)
+
+
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"cannot read checkpoint {path}: {why}")
+
+
+def _file_digest(path: Path, hex_at: int) -> str:
+    """SHA-256 of the file with the digest's hex read as zeros, as :func:`save_checkpoint` hashed it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = bytearray(f.read(hex_at + _DIGEST_HEX))
+        head[hex_at:] = b"0" * (len(head) - hex_at)
+        h.update(head)
+        while block := f.read(_HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(path: Path, meta: Mapping[str, str], header_len: int) -> None:
+    """Check the file against the digest in its metadata; a file without one is loaded with a warning."""
+    stored = meta.get(_DIGEST_KEY)
+    if stored is None:
+        log.warning("checkpoint %s has no content digest (written by an older fedtune): loading it UNVERIFIED",
+                    path)
+        return
+    with open(path, "rb") as f:
+        head = f.read(8 + header_len)
+    at = head.find(_DIGEST_FIELD, 8)
+    if not stored.startswith(_DIGEST_PREFIX) or at < 0:
+        raise _damaged(path, f"its digest field {stored[:80]!r} is malformed")
+    got = _file_digest(path, at + len(_DIGEST_FIELD))
+    if got != stored[len(_DIGEST_PREFIX):]:
+        raise _damaged(path, f"its content does not match its digest ({path.stat().st_size} bytes: "
+                              f"truncated or overwritten)")
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, str]]:
+    """(header length, metadata) of a safetensors file, checking only that the header is readable."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            size = path.stat().st_size
+            if not 2 <= n <= size - 8:
+                raise _damaged(path, f"its header length {n} does not fit its {size} bytes")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise _damaged(path, f"its header is not JSON ({e})") from e
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise _damaged(path, "its metadata is not a map of strings")
+    return n, dict(meta or {})
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The user metadata of a checkpoint, from its header alone (nothing verified)."""
+    _, meta = _read_header(Path(path))
+    return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_PREFIX)}
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read a checkpoint: tensors in their saved order (ties restored) and user metadata."""
+    """Read and verify a checkpoint: tensors in their saved order (ties restored) and user metadata."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    header_len, raw_meta = _read_header(path)
+    _verify(path, raw_meta, header_len)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             loaded = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    meta.pop(_DIGEST_KEY, None)
     try:
         aliases: dict[str, str] = json.loads(meta.pop(_ALIASES_KEY, "{}"))
         order: list[str] = json.loads(meta.pop(_ORDER_KEY, "null")) or list(loaded)
@@ -294,10 +434,22 @@ class RoundLog:
             created = not self.path.exists()
             if created:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = line.encode("utf-8")
             with open(self.path, "ab") as f:
-                f.write(line.encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
+                start = f.tell()
+                try:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as exc:
+                    # Take back whatever part of the line reached the file, so no torn record stays.
+                    try:
+                        f.truncate(start)
+                    except OSError:
+                        self._checked_tail = False  # the next append repairs the tail
+                    if _is_full(exc):
+                        raise _no_space(self.path, len(data), exc) from exc
+                    raise
             if created:
                 _fsync_dir(self.path.parent)
 
@@ -305,7 +457,7 @@ class RoundLog:
         """Replace the whole log atomically (crash recovery drops records of uncommitted rounds)."""
         data = "".join(json.dumps(dict(r), separators=(",", ":")) + "\n" for r in records).encode("utf-8")
         with self._lock:
-            _atomic_write(self.path, lambda f: f.write(data))
+            _atomic_write(self.path, lambda f: f.write(data), len(data))
             self._checked_tail = True
 
     def read(self) -> list[dict[str, Any]]:
@@ -314,13 +466,22 @@ class RoundLog:
         A line counts only once its newline is on disk, so a record is either
         complete or absent, the same rule ``append`` uses to repair the file.
         """
+        records, bad = self._read(strict=True)
+        return records
+
+    def salvage(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """Every readable record, and the numbers of the corrupt lines skipped (a torn last line is not one)."""
+        return self._read(strict=False)
+
+    def _read(self, strict: bool) -> tuple[list[dict[str, Any]], list[int]]:
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
-            return []
+            return [], []
         lines = data.split(b"\n")
         torn = lines.pop()  # b"" when the file ends with a newline
         records: list[dict[str, Any]] = []
+        bad: list[int] = []
         for i, raw in enumerate(lines):
             if not raw.strip():
                 continue
@@ -330,12 +491,14 @@ class RoundLog:
                 if i == len(lines) - 1 and not torn:
                     torn = raw  # e.g. zero-filled by the file system after a crash
                     break
-                raise ValueError(f"round log {self.path} line {i + 1} is corrupt: {e}") from e
+                if strict:
+                    raise ValueError(f"round log {self.path} line {i + 1} is corrupt: {e}") from e
+                bad.append(i + 1)
         if torn:
             log.warning(
                 "round log %s: ignoring a torn last line (%d bytes, crash mid-write?)", self.path, len(torn)
             )
-        return records
+        return records, bad
 
     def last(self, key: str = "round") -> dict[str, Any] | None:
         """The most recent record that has ``key``, or None."""
@@ -343,6 +506,21 @@ class RoundLog:
             if key in rec:
                 return rec
         return None
+
+
+def set_aside(path: Path, copy: bool = False) -> Path:
+    """Move (or copy) a damaged file to ``<name>.damaged`` (``.damaged-2``, ... if taken); never delete it."""
+    path = Path(path)
+    dest, n = path.with_name(path.name + ".damaged"), 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.damaged-{n}")
+    if copy:
+        shutil.copy2(path, dest)
+    else:
+        os.replace(path, dest)
+    _fsync_dir(path.parent)
+    return dest
 
 
 _ROUND_FILE = re.compile(r"^round-(\d{6,})\.safetensors$")
@@ -417,11 +595,35 @@ class CheckpointDir:
         on_disk = self._rounds_on_disk()
         return on_disk[-1] if on_disk else None
 
-    def load_latest(self) -> tuple[int, dict[str, Tensor], dict[str, str]] | None:
-        """``(round, state, metadata)`` of the newest checkpoint, or None if there is none."""
+    def load_latest(self, prepare: Callable[[int, dict[str, Tensor], dict[str, str]], Any] | None = None
+                    ) -> tuple[int, Any, dict[str, str]] | None:
+        """``(round, state, metadata)`` of the newest intact checkpoint, or None if there is none.
+
+        ``prepare(round, state, metadata)`` turns a loaded state into what the
+        caller uses (its result replaces ``state``) and raises CheckpointError
+        if the content is not what it claims. A damaged checkpoint is renamed
+        to ``*.damaged`` with a warning and the one before it is tried; the
+        pointer then names the one used. If none is intact, nothing is renamed
+        and CheckpointError says so.
+        """
         found = self.latest()
         if found is None:
             return None
-        r, p = found
-        state, meta = load_checkpoint(p)
-        return r, state, meta
+        candidates = [found] + [(r, p) for r, p in reversed(self._rounds_on_disk()) if r < found[0]]
+        damaged: list[tuple[Path, CheckpointError]] = []
+        for r, p in candidates:
+            try:
+                state, meta = load_checkpoint(p)
+                used = prepare(r, state, meta) if prepare is not None else state
+            except CheckpointError as e:
+                damaged.append((p, e))
+                continue
+            for bad, why in damaged:
+                dest = set_aside(bad)
+                log.warning("%s; set aside as %s, resuming from the checkpoint of round %d instead", why, dest.name, r)
+            if damaged:
+                write_json_atomic(self.root / self.POINTER, {"round": r, "file": p.name})
+            return r, used, meta
+        reasons = "; ".join(str(e) for _, e in damaged)
+        raise CheckpointError(f"no intact checkpoint in {self.root} ({reasons}); nothing was changed: restore a "
+                              f"copy, or move the directory away to start the run again")
