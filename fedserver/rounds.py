@@ -1178,6 +1178,7 @@ def weight_bound(a: Assignment, batch_size: int, local_epochs: int) -> tuple[int
         return a.local_steps * per_step, f"{a.local_steps} steps x batch {per_step} of {reg} registered samples"
     return local_epochs * reg, f"{local_epochs} epoch(s) of {reg} registered samples"
 
+
 @dataclass
 class _Resumed:
     """A checkpoint taken apart for a resumed server."""
