@@ -1167,7 +1167,8 @@ def weight_bound(a: Assignment, batch_size: int, local_epochs: int) -> tuple[int
     The trainer counts every example of every step; a step takes at most
     batch_size examples and never more than the device holds. A `samples`
     task runs ceil(local_samples / b) steps of a batch b <= batch_size (a
-    device may cap its batch), which is at most local_samples + b - 1.
+    device may cap its batch), which count at most
+    local_samples + min(b, registered) - 1.
     """
     reg = a.registered_samples
     per_step = min(batch_size, reg)
@@ -1175,8 +1176,13 @@ def weight_bound(a: Assignment, batch_size: int, local_epochs: int) -> tuple[int
         return (a.local_samples + per_step - 1 if reg > 0 else 0,
                 f"{a.local_samples} samples in batches of up to {per_step} of {reg} registered")
     if a.local_steps > 0:
-        return a.local_steps * per_step, f"{a.local_steps} steps x batch {per_step} of {reg} registered samples"
-    return local_epochs * reg, f"{local_epochs} epoch(s) of {reg} registered samples"
+        return (a.local_steps * per_step,
+                f"{_plural(a.local_steps, 'step')} x batch {per_step} of {reg} registered samples")
+    return local_epochs * reg, f"{_plural(local_epochs, 'epoch')} of {reg} registered samples"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 @dataclass

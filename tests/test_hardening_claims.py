@@ -164,7 +164,7 @@ def test_claims_rejoining_with_more_samples_after_sampling_does_not_raise_the_we
     rnd.send("mallory", task, rnd.update({EMB: 1.0}), MAX_NUM_SAMPLES)
     rec = rnd.finish()["mallory"]
     assert rec["num_samples"] == 10 and rec["num_samples_claimed"] == MAX_NUM_SAMPLES
-    assert "1 epoch(s) of 10 registered samples" in rec["weight_cut"]
+    assert "1 epoch of 10 registered samples" in rec["weight_cut"]
 
 
 def test_claims_join_beyond_the_limit_is_refused(make_round):
