@@ -512,7 +512,8 @@ def plan_work(task: pb.Task, cfg: ClientConfig) -> Work:
     settings = TrainSettings(local_epochs=tr.local_epochs, local_steps=steps, batch_size=batch,
                              learning_rate=tr.learning_rate, weight_decay=tr.weight_decay,
                              max_input_tokens=tr.max_input_tokens, max_target_tokens=tr.max_target_tokens,
-                             seed=tr.seed + _stable_hash(cfg.device_id), compute_slowdown=cfg.compute_slowdown)
+                             seed=(tr.seed + _stable_hash(cfg.device_id)) % (1 << 64),  # torch's seed range
+                             compute_slowdown=cfg.compute_slowdown)
     settings.validate()
     lora = lora_spec(tr)
     if lora is not None:

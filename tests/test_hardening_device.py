@@ -509,3 +509,4 @@ def test_config_absurd_work_and_lora_settings_are_refused():
     with pytest.raises(ValueError, match="alpha"):
         plan_work(task, cfg)
     assert plan_work(train_task(), cfg).settings.learning_rate == pytest.approx(1e-3)
+    assert plan_work(train_task(seed=(1 << 64) - 1), cfg).settings.seed < 1 << 64, "a seed torch accepts"
