@@ -13,13 +13,17 @@ POWER_SOURCES = ("auto", "none", "ina3221", "nvml", "rapl")
 
 @dataclass
 class ClientConfig:
-    server: str = field(default="127.0.0.1:50051", metadata=described("server address host:port (the device dials out)", address="dial"))
+    server: str = field(default="127.0.0.1:50051", metadata=described("server address host:port (the device dials out)",
+                                                                      address="dial"))
     device_id: str = field(default_factory=socket.gethostname, metadata=described("this device's id (default: hostname)"))
     # local data: never leaves the device
     data: str = field(default="builtin", metadata=described("'builtin' synthetic corpus or a Samsum JSON/JSONL file"))
-    data_size: int = field(default=2000, metadata=described("examples of the built-in corpus (or first N of a file; 0: all)", ge=0))
-    data_seed: int = field(default=0, metadata=described("seed of the built-in corpus and of the partition", ge=0, le=(1 << 32) - 1))
-    partitions: int = field(default=0, metadata=described("split the data Dirichlet-wise into this many parts (0: keep all)", ge=0))
+    data_size: int = field(default=2000, metadata=described("examples of the built-in corpus (or first N of a file; 0: all)",
+                                                            ge=0))
+    data_seed: int = field(default=0, metadata=described("seed of the built-in corpus and of the partition",
+                                                         ge=0, le=(1 << 32) - 1))
+    partitions: int = field(default=0, metadata=described("split the data Dirichlet-wise into this many parts (0: keep all)",
+                                                          ge=0))
     partition: int = field(default=0, metadata=described("which part this device keeps", ge=0))
     alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split", gt=0))
     # model
@@ -29,16 +33,21 @@ class ClientConfig:
     # hardware figures (MFU, power)
     hardware: str = field(default="", metadata=described("peak-table key for MFU, e.g. a100, agx-orin-64gb, "
                                                           "orin-nx-16gb (empty: detect)"))
-    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table (0: none)", ge=0))
-    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none", choices=POWER_SOURCES))
-    power_hz: float = field(default=5.0, metadata=described("power samples per second during local training", gt=0, le=1000))
+    peak_tflops: float = field(default=0.0, metadata=described("peak TFLOP/s for MFU; overrides the table (0: none)",
+                                                               ge=0))
+    power_source: str = field(default="auto", metadata=described("auto, ina3221, nvml, rapl or none",
+                                                                 choices=POWER_SOURCES))
+    power_hz: float = field(default=5.0, metadata=described("power samples per second during local training",
+                                                            gt=0, le=1000))
     # connection
     retry_initial_s: float = field(default=1.0, metadata=described("first reconnect delay", gt=0))
     retry_max_s: float = field(default=30.0, metadata=described("longest reconnect delay (backoff with jitter)", gt=0))
-    transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload", ge=0, le=10000))
+    transfer_retries: int = field(default=8, metadata=described("resumed attempts per download or upload",
+                                                                ge=0, le=10000))
     stall_timeout_s: float = field(default=60.0, metadata=described("cancel and resume a transfer that moved no chunk "
                                                                     "for this long", gt=0))
-    transfer_timeout_floor_s: float = field(default=60.0, metadata=described("shortest deadline of one transfer attempt", gt=0))
+    transfer_timeout_floor_s: float = field(default=60.0, metadata=described("shortest deadline of one transfer attempt",
+                                                                             gt=0))
     transfer_timeout_safety: float = field(default=3.0, metadata=described("transfer deadline: this x bytes left / "
                                                                            "measured link rate (floor above)", ge=1))
     max_upload_mbit: float = field(default=0.0, metadata=described("cap this device's upload rate in Mbit/s, e.g. to "
@@ -49,7 +58,8 @@ class ClientConfig:
     # heterogeneity
     compute_slowdown: float = field(default=1.0, metadata=described("EMULATION of a slower device: sleep (factor-1) x "
                                                                     "each measured training step (1: off)", ge=1))
-    max_batch_size: int = field(default=0, metadata=described("largest minibatch this device fits (0: the server's)", ge=0))
+    max_batch_size: int = field(default=0, metadata=described("largest minibatch this device fits (0: the server's)",
+                                                              ge=0))
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
     # security: TLS unless insecure is set explicitly
     tls_ca: Path | None = field(default=None, metadata=described("CA that signed the server certificate (PEM; "
@@ -93,7 +103,8 @@ class BenchConfig:
     """`fedclient bench` settings; lengths default to the study's 512 input and 95 target tokens."""
 
     preset: list[str] = field(default_factory=lambda: ["small"], metadata=described("model presets, comma-separated"))
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata=described("minibatch sizes, comma-separated", ge=1))
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8], metadata=described("minibatch sizes, comma-separated",
+                                                                                      ge=1))
     steps: int = field(default=5, metadata=described("timed steps per configuration", ge=1))
     warmup: int = field(default=1, metadata=described("untimed steps before them", ge=0))
     input_tokens: int = field(default=512, metadata=described("input tokens per item", ge=1))

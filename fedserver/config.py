@@ -31,12 +31,14 @@ class ServerConfig:
     devices_per_round: int = field(default=3, metadata=described("devices sampled each round", ge=1, le=MAX_DEVICES))
     min_devices: int = field(default=0, metadata=described("devices that must be connected before a round starts "
                                                      "(0: devices_per_round)", ge=0, le=MAX_DEVICES))
-    min_updates: int = field(default=1, metadata=described("updates needed to aggregate when the deadline passes", ge=1, le=MAX_DEVICES))
+    min_updates: int = field(default=1, metadata=described("updates needed to aggregate when the deadline passes",
+                                                           ge=1, le=MAX_DEVICES))
     round_deadline_s: float = field(default=3600.0, metadata=described("seconds a round waits for its updates", gt=0))
     seed: int = field(default=0, metadata=described("seed for device sampling and model init", ge=0, le=MAX_SEED))
     # local training sent to the devices
     local_epochs: int = field(default=1, metadata=described("local epochs per round", ge=1, le=INT32))
-    local_steps: int = field(default=0, metadata=described("local steps per round (0: use local_epochs)", ge=0, le=INT32))
+    local_steps: int = field(default=0, metadata=described("local steps per round (0: use local_epochs)",
+                                                           ge=0, le=INT32))
     batch_size: int = field(default=32, metadata=described("local minibatch size", ge=1, le=INT32))
     learning_rate: float = field(default=5e-4, metadata=described("local AdamW learning rate", gt=0))
     weight_decay: float = field(default=0.0, metadata=described("local AdamW weight decay", ge=0))
@@ -46,7 +48,8 @@ class ServerConfig:
     round_policy: str = field(default="steps", metadata=described("local work per device: 'steps' (same local_steps "
                                                             "everywhere), 'samples' (same samples: steps follow each "
                                                             "device's batch size), 'time' (per-device steps so all "
-                                                            "finish together, from measured rates)", choices=ROUND_POLICIES))
+                                                            "finish together, from measured rates)",
+                                                            choices=ROUND_POLICIES))
     local_samples: int = field(default=0, metadata=described("policy 'samples': samples per device and round "
                                                        "(0: local_steps x batch_size)", ge=0, le=INT32))
     time_budget_s: float = field(default=0.0, metadata=described("policy 'time': seconds per round for download + "
@@ -63,34 +66,46 @@ class ServerConfig:
                                                               "layer (0: 2 x lora_rank)", ge=0))
     lora_targets: str = field(default="q,v", metadata=described("T5 linear layers that get adapters, comma-separated: "
                                                                 "q, k, v, o, wi_0, wi_1, wo, lm_head"))
-    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training", ge=0, lt=1))
+    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training",
+                                                                ge=0, lt=1))
     # aggregation
-    strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi", choices=STRATEGIES))
-    server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)", gt=0))
+    strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi",
+                                                               choices=STRATEGIES))
+    server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)",
+                                                                     gt=0))
     beta1: float = field(default=0.9, metadata=described("adaptive strategies: first moment decay", ge=0, lt=1))
     beta2: float = field(default=0.99, metadata=described("adaptive strategies: second moment decay", ge=0, lt=1))
     tau: float = field(default=1e-3, metadata=described("adaptive strategies: adaptivity", gt=0))
     server_weight_decay: float = field(default=1e-2, metadata=described("fedadamw: decoupled weight decay", ge=0))
     # wire
     download_encoding: str = field(default="fp32", metadata=described("full-model downloads: fp32, fp16, bf16, int8, "
-                                                                      "nf4 or int4 (fp32 keeps delta downloads possible)", choices=WIRE_ENCODINGS))
-    download_codec: str = field(default="none", metadata=described("none, zstd or zstd-bg (byte-grouped zstd)", choices=WIRE_CODECS))
+                                                                      "nf4 or int4 (fp32 keeps delta downloads possible)",
+                                                                      choices=WIRE_ENCODINGS))
+    download_codec: str = field(default="none", metadata=described("none, zstd or zstd-bg (byte-grouped zstd)",
+                                                                   choices=WIRE_CODECS))
     download_payload: str = field(default="weights", metadata=described(
         "'delta': a device holding a recent version exactly gets the quantized broadcast delta(s) to the new one, "
-        "which the server applies to its own model too (with error feedback); 'weights': always the full model", choices=PAYLOADS))
+        "which the server applies to its own model too (with error feedback); 'weights': always the full model",
+        choices=PAYLOADS))
     download_delta_encoding: str = field(default="int8", metadata=described("encoding of broadcast deltas: int8, int4, "
-                                                                            "nf4, bf16, fp16 or fp32", choices=WIRE_ENCODINGS))
+                                                                            "nf4, bf16, fp16 or fp32",
+                                                                            choices=WIRE_ENCODINGS))
     download_delta_keep: int = field(default=4, metadata=described("broadcast deltas kept to serve recent versions; "
-                                                                  "a device further behind gets the full model", ge=1, le=1000))
-    upload_encoding: str = field(default="fp32", metadata=described("fp32, fp16, bf16, int8, nf4 or int4", choices=WIRE_ENCODINGS))
-    upload_codec: str = field(default="none", metadata=described("none, zstd or zstd-bg (byte-grouped zstd)", choices=WIRE_CODECS))
-    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)", choices=PAYLOADS))
+                                                                  "a device further behind gets the full model",
+                                                                  ge=1, le=1000))
+    upload_encoding: str = field(default="fp32", metadata=described("fp32, fp16, bf16, int8, nf4 or int4",
+                                                                    choices=WIRE_ENCODINGS))
+    upload_codec: str = field(default="none", metadata=described("none, zstd or zstd-bg (byte-grouped zstd)",
+                                                                 choices=WIRE_CODECS))
+    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)",
+                                                                      choices=PAYLOADS))
     error_feedback: bool = field(default=False, metadata=described("delta uploads: devices add their last quantization "
                                                                    "residual to the next delta"))
     # link-aware upload encoding
     link_aware: bool = field(default=False, metadata=described(
         "choose each device's upload encoding from its measured link rates to meet link_target_g or link_byte_budget"))
-    link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G = T_comp / T_comm per device", ge=0))
+    link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G = T_comp / T_comm per device",
+                                                                 ge=0))
     link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round "
                                                                 "(0: no budget, use link_target_g)", ge=0))
     link_t_comp_s: float = field(default=0.0, metadata=described("link_aware: T_comp to plan with, e.g. the target "
@@ -124,11 +139,16 @@ class ServerConfig:
     insecure: bool = field(default=False, metadata=described("serve plaintext gRPC without TLS or identities "
                                                          "(loopback experiments only)"))
     # limits on what a device may send
-    rate_limit_rps: float = field(default=50.0, metadata=described("requests per second per device (0: no limit)", ge=0))
-    rate_limit_burst: int = field(default=200, metadata=described("requests a device may send at once above the rate", ge=1))
-    max_streams_per_device: int = field(default=4, metadata=described("concurrent Download/Upload streams per device", ge=1))
-    max_message_bytes: int = field(default=16 << 20, metadata=described("largest gRPC message the server accepts", ge=1, le=1 << 31))
-    max_chunk_elems: int = field(default=1 << 20, metadata=described("largest chunk an upload may declare (elements)", ge=1, le=INT32))
+    rate_limit_rps: float = field(default=50.0, metadata=described("requests per second per device (0: no limit)",
+                                                                   ge=0))
+    rate_limit_burst: int = field(default=200, metadata=described("requests a device may send at once above the rate",
+                                                                  ge=1))
+    max_streams_per_device: int = field(default=4, metadata=described("concurrent Download/Upload streams per device",
+                                                                      ge=1))
+    max_message_bytes: int = field(default=16 << 20, metadata=described("largest gRPC message the server accepts",
+                                                                        ge=1, le=1 << 31))
+    max_chunk_elems: int = field(default=1 << 20, metadata=described("largest chunk an upload may declare (elements)",
+                                                                     ge=1, le=INT32))
     max_update_bytes: int = field(default=0, metadata=described("wire bytes one upload may send, retries included "
                                                             "(0: 2x the model at fp32)", ge=0))
     max_update_chunks: int = field(default=0, metadata=described("chunks one upload may send, retries included "

@@ -36,31 +36,42 @@ class SimulateConfig:
     devices_per_round: int = field(default=3, metadata=described("devices sampled each round", ge=1, le=1000))
     encoding: str = field(default="fp32", metadata=described("wire encoding, both directions: fp32, fp16, bf16, int8, "
                                                              "nf4, int4", choices=WIRE_ENCODINGS))
-    codec: str = field(default="none", metadata=described("wire codec, both directions: none, zstd or zstd-bg", choices=WIRE_CODECS))
-    download_encoding: str | None = field(default=None, metadata=described("full-model downloads (default: --encoding)", choices=WIRE_ENCODINGS))
-    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)", choices=PAYLOADS))
+    codec: str = field(default="none", metadata=described("wire codec, both directions: none, zstd or zstd-bg",
+                                                          choices=WIRE_CODECS))
+    download_encoding: str | None = field(default=None, metadata=described("full-model downloads (default: --encoding)",
+                                                                           choices=WIRE_ENCODINGS))
+    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)",
+                                                                      choices=PAYLOADS))
     error_feedback: bool = field(default=False, metadata=described("delta uploads carry the quantization residual on"))
     download_payload: str = field(default="weights", metadata=described("'delta': quantized broadcast deltas to "
-                                                                        "devices holding a recent version", choices=PAYLOADS))
-    download_delta_encoding: str = field(default="int8", metadata=described("encoding of broadcast deltas", choices=WIRE_ENCODINGS))
+                                                                        "devices holding a recent version",
+                                                                        choices=PAYLOADS))
+    download_delta_encoding: str = field(default="int8", metadata=described("encoding of broadcast deltas",
+                                                                            choices=WIRE_ENCODINGS))
     link_aware: bool = field(default=False, metadata=described("choose each device's upload encoding from its "
                                                                "measured link (see fedserver run --help)"))
     link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G per device", ge=0))
-    link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round", ge=0))
+    link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round",
+                                                                ge=0))
     lora_rank: int = field(default=0, metadata=described("LoRA rank: devices train and upload only the adapters' B "
                                                          "matrices (0: full fine-tuning)", ge=0, le=4096))
     lora_alpha: float = field(default=0.0, metadata=described("LoRA alpha (0: 2 x lora_rank)", ge=0))
     lora_targets: str = field(default="q,v", metadata=described("T5 linear layers that get adapters, e.g. q,v"))
-    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training", ge=0, lt=1))
-    strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi", choices=STRATEGIES))
-    server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)", gt=0))
+    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training",
+                                                                ge=0, lt=1))
+    strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi",
+                                                               choices=STRATEGIES))
+    server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)",
+                                                                     gt=0))
     local_epochs: int = field(default=1, metadata=described("local epochs per round", ge=1, le=INT32))
-    local_steps: int = field(default=0, metadata=described("local steps per round (0: use local_epochs)", ge=0, le=INT32))
+    local_steps: int = field(default=0, metadata=described("local steps per round (0: use local_epochs)",
+                                                           ge=0, le=INT32))
     batch_size: int = field(default=32, metadata=described("local minibatch size", ge=1, le=INT32))
     learning_rate: float = field(default=1e-3, metadata=described("local AdamW learning rate", gt=0))
     max_input_tokens: int = field(default=512, metadata=described("dialogue tokens kept", ge=1, le=INT32))
     max_target_tokens: int = field(default=95, metadata=described("summary tokens kept and generated", ge=1, le=INT32))
-    data: str = field(default="builtin", metadata=described("'builtin' or a Samsum JSON/JSONL file split over the devices"))
+    data: str = field(default="builtin",
+    metadata=described("'builtin' or a Samsum JSON/JSONL file split over the devices"))
     data_size: int = field(default=2000, metadata=described("training examples over all devices", ge=1))
     alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split over devices", gt=0))
     eval_size: int = field(default=48, metadata=described("held-out examples evaluated each round", ge=0))
@@ -69,15 +80,19 @@ class SimulateConfig:
     round_deadline_s: float = field(default=600.0, metadata=described("seconds a round waits for its updates", gt=0))
     threads_per_device: int = field(default=1, metadata=described("torch threads per daemon", ge=0, le=4096))
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
-    round_policy: str = field(default="steps", metadata=described("steps, samples or time (see fedserver run --help)", choices=ROUND_POLICIES))
-    local_samples: int = field(default=0, metadata=described("policy samples: samples per device (0: steps x batch)", ge=0, le=INT32))
+    round_policy: str = field(default="steps", metadata=described("steps, samples or time (see fedserver run --help)",
+                                                                  choices=ROUND_POLICIES))
+    local_samples: int = field(default=0, metadata=described("policy samples: samples per device (0: steps x batch)",
+                                                             ge=0, le=INT32))
     time_budget_s: float = field(default=0.0, metadata=described("policy time: seconds per round (0: derived)", ge=0))
     compute_slowdown: list[float] = field(default_factory=list, metadata=described(
         "per device (comma-separated, one value for all): EMULATED compute slowdown factor", ge=1))
     max_batch_size: list[int] = field(default_factory=list, metadata=described(
         "per device (comma-separated, one value for all): largest minibatch the device fits (0: server's)", ge=0))
-    max_upload_mbit: float = field(default=0.0, metadata=described("cap every device's upload rate (Mbit/s, 0: none)", ge=0))
-    chunk_elems: int = field(default=1 << 18, metadata=described("elements per wire chunk (both directions)", ge=1, le=INT32))
+    max_upload_mbit: float = field(default=0.0, metadata=described("cap every device's upload rate (Mbit/s, 0: none)",
+                                                                   ge=0))
+    chunk_elems: int = field(default=1 << 18, metadata=described("elements per wire chunk (both directions)",
+                                                                 ge=1, le=INT32))
     stall_timeout_s: float = field(default=60.0, metadata=described("devices cancel and resume a transfer stalled "
                                                                     "this long", gt=0))
     metrics_port: int = field(default=0, metadata=described("serve Prometheus /metrics: the server on 127.0.0.1:PORT, "
