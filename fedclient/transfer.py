@@ -403,6 +403,8 @@ def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str
                 raise
             log.warning("upload broke (%s%s); %s", "no progress for %.0f s, " % limits.stall_s if dog.fired else "",
                         f"{code.name}: {details}", budget.failed(code))
+            if budget.spent_whatever_happens():
+                raise  # no progress could save the budget: give up now rather than after a backoff
             backoff(budget.attempt)
             if code == grpc.StatusCode.ABORTED and RESTART_HINT in (details or ""):
                 # What the server staged does not fit this update: asking it where to resume would only
@@ -471,6 +473,11 @@ class _Budget:
         if key is not None and (self.acked is None or key > self.acked):
             self.acked = key
             self.failures = min(self.failures, 1)
+
+    def spent_whatever_happens(self) -> bool:
+        """Spent even if the server names a new resume point (heard() lowers failures to 1 at most)."""
+        return not self.waiting and (min(self.failures, 1) > self.limits.retries
+                                     or self.counted > self.limits.max_attempts)
 
     def check(self, exc: BaseException) -> None:
         """Raise `exc` when the budget is spent."""

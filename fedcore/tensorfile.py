@@ -31,15 +31,28 @@ _CANNOT_RESERVE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 class DiskFullError(OSError):
-    """No room for a staging file: errno ENOSPC, with the path, the MB needed and the MB free."""
+    """A write found no space: errno ENOSPC (or EDQUOT), the path, the bytes needed and the bytes free.
 
-    def __init__(self, path: Path, needed: int, free: int) -> None:
-        super().__init__(errno.ENOSPC, f"{path}: no space for {needed / 1e6:.1f} MB, "
-                                       f"{free / 1e6:.1f} MB free on its file system", str(path))
+    The one full-disk error of the project: staging files here, checkpoints
+    and logs in fedserver.storage, the device's state dir.
+    """
+
+    def __init__(self, path: Path, needed: int, free: int | None, err: int = errno.ENOSPC, detail: str = "") -> None:
+        room = f", {human_bytes(free)} free" if free is not None else ""
+        super().__init__(err, f"no space left to write {path}: it needs {human_bytes(needed)}{room}"
+                              + (f" ({detail})" if detail else ""), str(path))
         self.path, self.needed, self.free = Path(path), needed, free
 
     def __str__(self) -> str:
-        return str(self.strerror)
+        return str(self.strerror)  # without OSError's "[Errno 28]" prefix: the message says it
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _offsets(layout: Iterable[Layout]) -> tuple[list[tuple[str, torch.dtype, tuple[int, ...], int]], int]:

@@ -18,10 +18,12 @@ from fedcore.models import build_model, config_json, count_parameters, get_prese
 from fedcore.sdnotify import Notifier, Watchdog
 
 from .config import ServerConfig
+from .errors import StateMismatch
 from .evaluate import evaluate
 from .metrics import server_registry
 from .rounds import Coordinator, EvalRecord
 from .service import make_server
+from .storage import CheckpointError
 from .strategy import make_strategy
 
 log = logging.getLogger("fedserver")
@@ -129,6 +131,10 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
     code = 0
     try:
         coord.run()
+    except (OSError, CheckpointError, StateMismatch) as exc:
+        # A full disk or damaged state: the message names the file; a traceback would bury it.
+        log.error("the round loop stopped: %s", exc)
+        code = 1
     except Exception:
         log.exception("the round loop failed")
         code = 1

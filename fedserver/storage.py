@@ -40,11 +40,13 @@ from typing import Any, Callable, BinaryIO, Mapping
 import torch
 from torch import Tensor
 
+from fedcore.tensorfile import DiskFullError
+
 from .errors import StateMismatch
 
 __all__ = [
     "CheckpointError",
-    "DiskFull",
+    "DiskFullError",
     "StateMismatch",
     "save_checkpoint",
     "load_checkpoint",
@@ -96,28 +98,12 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or inconsistent."""
 
 
-class DiskFull(OSError):
-    """A durable write found no space; the message names the file and the space it needed."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)  # without OSError's "[Errno 28]" prefix: the message says it
-
-
-def _human(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _no_space(path: Path, needed: int, exc: OSError) -> DiskFull:
+def _no_space(path: Path, needed: int, exc: OSError) -> DiskFullError:
     try:
-        free = f", {_human(shutil.disk_usage(path.parent).free)} free"
+        free: int | None = shutil.disk_usage(path.parent).free
     except OSError:
-        free = ""
-    return DiskFull(exc.errno, f"no space left to write {path}: it needs {_human(needed)}{free} "
-                               f"({os.strerror(exc.errno or errno.ENOSPC)})")
+        free = None
+    return DiskFullError(path, needed, free, exc.errno or errno.ENOSPC, os.strerror(exc.errno or errno.ENOSPC))
 
 
 def _is_full(exc: OSError) -> bool:
@@ -137,7 +123,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], size: int) -> N
     """Write ``path`` (``size`` bytes) via a temp file in the same directory, fsync and rename.
 
     On any failure the temp file is removed and the old ``path`` is untouched;
-    a full disk raises :class:`DiskFull` naming the file and the space needed.
+    a full disk raises :class:`fedcore.tensorfile.DiskFullError` naming the file and the space needed.
     """
     path = Path(path)
     try:
