@@ -143,8 +143,8 @@ class ServerConfig:
                                                                    ge=0))
     rate_limit_burst: int = field(default=200, metadata=described("requests a device may send at once above the rate",
                                                                   ge=1))
-    max_streams_per_device: int = field(default=4, metadata=described("concurrent Download/Upload streams per device",
-                                                                      ge=1))
+    max_streams_per_device: int = field(default=4, metadata=described(
+        "concurrent Download/Upload streams per device (0: no limit)", ge=0))
     max_message_bytes: int = field(default=16 << 20, metadata=described("largest gRPC message the server accepts",
                                                                         ge=1, le=1 << 31))
     max_chunk_elems: int = field(default=1 << 20, metadata=described("largest chunk an upload may declare (elements)",

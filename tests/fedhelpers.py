@@ -132,3 +132,16 @@ def stop(procs: list[subprocess.Popen]) -> None:
         if p.poll() is None:
             p.kill()
         p.wait(10)
+
+
+class CallFuture:
+    """What a fake stub's `Upload.future` returns: the call runs when its result is asked for."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def result(self):
+        return self.fn()
+
+    def cancel(self):
+        pass

@@ -23,6 +23,8 @@ from fedcore.models import build_model, config_json
 from fedcore.wire import StateEncoder, TransferSpec, digest, unique_tensors
 from fedtune.v1 import fedtune_pb2 as pb
 
+from fedhelpers import CallFuture
+
 SPEC = TransferSpec(chunk_elems=1024, block_size=64)
 
 
@@ -73,17 +75,6 @@ class DownloadCall:
             yield pb.DownloadMessage(chunk=c)
 
 
-class Future:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def result(self):
-        return self.fn()
-
-    def cancel(self):
-        pass
-
-
 class FakeServer:
     """Enough of the Federation service for one daemon: tasks, a model to download, uploads, metrics."""
 
@@ -123,7 +114,7 @@ class FakeServer:
                 pass
             self.held_all = True
             return pb.UploadReply(complete=True)
-        return Future(consume)
+        return CallFuture(consume)
 
     def UploadStatus(self, req, timeout=None):
         return pb.UploadStatusReply(known=False, complete=self.held_all)
@@ -278,7 +269,7 @@ class ResumingServer:
             got.extend((m.chunk.tensor, m.chunk.offset) for m in it)
             self.held.update(got)
             return pb.UploadReply(complete=set(self.order) <= self.held)
-        return Future(consume)
+        return CallFuture(consume)
 
     def UploadStatus(self, req, timeout=None):
         missing = [p for p in self.order if p not in self.held]

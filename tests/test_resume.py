@@ -10,6 +10,8 @@ from fedclient.transfer import Limits, download, upload
 from fedcore.wire import StateEncoder, TransferSpec, digest, unique_tensors
 from fedtune.v1 import fedtune_pb2 as pb
 
+from fedhelpers import CallFuture
+
 SPEC = TransferSpec(chunk_elems=64, block_size=64)
 
 
@@ -100,17 +102,6 @@ def test_corrupt_disk_state_is_discarded_not_trusted(tmp_path):
     assert StateDir(tmp_path).downloads.cached()[0] == digest(state), "only the fresh, verified copy is kept"
 
 
-class UploadFuture:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def result(self):
-        return self.fn()
-
-    def cancel(self):
-        pass
-
-
 class UploadStub:
     """Takes `take` chunks per stream, but the server 'holds' only `hold` of them when asked where to resume."""
 
@@ -135,7 +126,7 @@ class UploadStub:
                     raise Broken()
             self.held.update(got)
             return pb.UploadReply(complete=len(self.held) == len(self.order))
-        return UploadFuture(consume)
+        return CallFuture(consume)
 
     def UploadStatus(self, req, timeout=None):
         self.status_calls += 1
