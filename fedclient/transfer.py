@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from fedcore.channel import UPLOAD_RESTART_HINT
 from fedcore.wire import StateEncoder, StateReceiver, TransferSpec, WireError, digest
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -25,8 +26,6 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 # The server is busy or out of reach for a while: a finished update waits it out until its task's deadline
 # (`Limits.until`) instead of counting these against the retries.
 BUSY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
-# What fedserver.rounds says (ABORTED) when what it staged cannot be resumed: send the update from its start.
-RESTART_HINT = "start from the beginning"
 
 
 class GaveUp(grpc.RpcError):
@@ -406,7 +405,7 @@ def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str
             if budget.spent_whatever_happens():
                 raise  # no progress could save the budget: give up now rather than after a backoff
             backoff(budget.attempt)
-            if code == grpc.StatusCode.ABORTED and RESTART_HINT in (details or ""):
+            if code == grpc.StatusCode.ABORTED and UPLOAD_RESTART_HINT in (details or ""):
                 # What the server staged does not fit this update: asking it where to resume would only
                 # repeat the refusal. The fresh start replaces the staged copy.
                 log.info("upload: sending task %s again from its start, as the server asks", header.task_id[:8])

@@ -41,6 +41,9 @@ CHANNEL_OPTIONS = [
 
 # The metadata key an enrollment token travels in (gRPC's standard bearer form).
 TOKEN_METADATA = "authorization"
+# An ABORTED upload whose details contain this must be sent again from its first chunk: the server
+# says it, the device acts on it (the protocol has no structured reason field).
+UPLOAD_RESTART_HINT = "start from the beginning"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fedcore import lora
+from fedcore.channel import UPLOAD_RESTART_HINT
 from fedcore.config import to_dict
 from fedcore.efficiency import NUMERIC_KEYS
 from fedcore.tensorfile import DiskFullError, map_tensors
@@ -540,7 +541,7 @@ class Coordinator:
                 if start != (0, 0) or have is None:
                     if h.manifest != sess.header.manifest:
                         raise RoundError("aborted", f"task {h.task_id}: the resumed upload's manifest differs from "
-                                                    f"the staged one; start from the beginning")
+                                                    f"the staged one; {UPLOAD_RESTART_HINT}")
                     if have != start:
                         raise RoundError("aborted", f"resume at tensor {start[0]} offset {start[1]}, but the "
                                                     f"server holds up to {have}; ask UploadStatus")
@@ -555,7 +556,7 @@ class Coordinator:
                 if sess.context is not None:
                     sess.context.cancel()
             elif start != (0, 0):
-                raise RoundError("aborted", f"nothing staged for task {h.task_id}; start from the beginning")
+                raise RoundError("aborted", f"nothing staged for task {h.task_id}; {UPLOAD_RESTART_HINT}")
             if len(self._uploads) >= self.cfg.max_concurrent_uploads and h.task_id not in self._uploads:
                 raise RoundError("exhausted", f"{len(self._uploads)} uploads already staged; retry later")
             if h.manifest.chunk_elems > self.cfg.max_chunk_elems:
