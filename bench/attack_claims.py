@@ -4,7 +4,7 @@ One honest daemon and one attacker share a round (tiny preset, mutual TLS
 on loopback, 2 local steps of batch 8). The attacker joins with 10 samples,
 takes its task, downloads the model and uploads it back with a shifted
 embedding and num_samples = 2^40. The server weights an update by its claim
-only up to the work its task allowed (fedserver.rounds.weight_bound), so the
+only up to the work its task allowed (fedserver.intake.weight_bound), so the
 global embedding moves by at most (cut weight / total weight) x shift, plus
 the honest device's own share. Without that bound the next model would have
 been the attacker's.
@@ -32,7 +32,7 @@ from fedcore.wire import TransferSpec, codec_name, encoding_name, unique_tensors
 from fedserver.app import build_coordinator
 from fedserver.certs import write_fleet
 from fedserver.config import ServerConfig
-from fedserver.rounds import clone_state
+from fedserver.model import clone_state
 from fedserver.service import make_server
 from fedserver.storage import RoundLog, load_checkpoint
 from fedtune.v1 import fedtune_pb2 as pb

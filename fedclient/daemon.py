@@ -18,10 +18,11 @@ from fedcore import hardware, power
 from fedcore.data import Example, dirichlet_partition, load_corpus
 from fedcore.metrics import MetricsServer, serve_metrics
 from fedcore.efficiency import NUMERIC_KEYS, figures
-from fedcore.lora import LoraSpec
+from fedcore import methods
+from fedcore.methods import Method, Trainee
 from fedcore.models import load_tokenizer, model_from_config_json, pick_device
 from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, WireError, codec_name, encoding_name,
-                          subtract, unique_tensors)
+                          subtract)
 from fedcore.wire.manifest import check_framing
 from fedcore.channel import open_channel
 from fedcore.sdnotify import Notifier, Watchdog
@@ -32,7 +33,7 @@ from .config import ClientConfig
 from .metrics import DeviceStats, client_registry
 from .feedback import load_residual, save_residual
 from .statedir import LinkRates, PendingUpload, StateDir
-from .trainer import LoraAdapters, TrainSettings, train_local
+from .trainer import TrainSettings, train_local
 from .transfer import Limits, TransferStats, fetch, upload
 
 # The server turned down a task-level request (round closed, task not ours): drop that work, keep serving.
@@ -67,7 +68,7 @@ class Daemon:
         self.device = pick_device(self.cfg.device)
         self.tokenizer = load_tokenizer(self.cfg.weights_dir)
         self.model: torch.nn.Module | None = None
-        self.adapters: LoraAdapters | None = None  # set while the model carries LoRA layers
+        self.trainee: Trainee | None = None  # the model as the last task's method prepared it
         self.model_config = ""
         self.base: dict[str, torch.Tensor] | None = None  # the global model as downloaded
         self.base_version = ""
@@ -224,28 +225,23 @@ class Daemon:
     def _build_model(self) -> None:
         """A fresh model of the server's architecture (weights arrive with the download)."""
         # Drop the old model first: on a GPU two models at once may not fit (an Orin shares its memory).
-        self.model = self.adapters = None
+        self.model = self.trainee = None
         self.model = model_from_config_json(self.model_config)
         self.model.to(self.device)
         # A training step of a big model can outlast the watchdog's poll; each forward pass is progress.
         self.model.register_forward_pre_hook(lambda *_: self.watchdog.beat())
-        self.adapters = None
 
-    def _load_global(self, lora: LoraSpec | None) -> None:
-        """The downloaded global model into the model to train, with LoRA layers when the task asks for them."""
+    def _load_global(self, method: Method) -> Trainee:
+        """The downloaded global model into the model to train, prepared as the task's method asks."""
         assert self.base is not None and self.model is not None
-        if lora != (self.adapters.spec if self.adapters is not None else None):
-            if self.adapters is not None:  # peft's layers sit inside the model: start again from a plain one
+        if self.trainee is None or self.trainee.method != method:
+            if self.trainee is not None and self.trainee.alters_model:  # e.g. peft's layers: start from a plain model
                 self._build_model()
-            if lora is not None:
-                self.adapters = LoraAdapters(self.model, lora)
-                self.model.to(self.device)  # peft creates the adapter layers on the CPU
-                log.info("%s: training %d B matrices; A stays as the server sent it (FFA-LoRA)", lora.describe(),
-                         len(self.adapters.b_params))
-        if self.adapters is not None:
-            self.adapters.load(self.base)
-        else:
-            self.model.load_state_dict(self.base, strict=True)
+            self.trainee = method.bind(self.model)
+            self.model.to(self.device)  # layers a method adds are created on the CPU
+            log.info("%s", self.trainee.describe())
+        self.trainee.load(self.base)
+        return self.trainee
 
     def _serve(self, stub: pbg.FederationStub) -> bool:
         """Poll for work; True when the server ends the run."""
@@ -315,15 +311,16 @@ class Daemon:
             # full model that may come next; too long a deadline is harmless, the stall watchdog still acts).
             self._last_down_bytes = max(self._last_down_bytes, bytes_down)
             how = f" as {deltas} broadcast delta(s), digest checked" if deltas else (
-                " as adapters only (B), digest checked" if dstats.patched else "")
+                " as its trainable tensors only, digest checked" if dstats.patched else "")
             log.info("round %d: downloaded %.2f MB in %.2f s (%d attempts)%s", task.round, bytes_down / 1e6, t_down,
                      dstats.attempts, how)
-        self._load_global(work.lora)
+        trainee = self._load_global(work.method)
         settings, batch = work.settings, work.settings.batch_size
         self.phase = f"round {task.round}: training"
         meter = power.PowerMeter(self.power_source, hz=self.cfg.power_hz).start()
         try:
-            result = train_local(self.model, self.tokenizer, self.examples, settings, self.device)
+            result = train_local(self.model, self.tokenizer, self.examples, settings, self.device,
+                                 weight_grads=trainee.weight_grads)
         finally:
             reading = meter.stop()
         hw = figures(result.tokens, result.t_comp_s, result.model_flops, self.hardware.peak_flops, reading)
@@ -333,12 +330,7 @@ class Daemon:
                  result.mean_loss, describe(hw))
 
         up, spec = task.upload, work.spec
-        if self.adapters is not None:
-            state = self.adapters.trainable_state()  # FFA-LoRA: only B changed, only B travels
-            entries = unique_tensors(state)
-        else:
-            entries = unique_tensors(self.model.state_dict())
-            state = {e.name: e.tensor.detach().cpu() for e in entries}
+        state, aliases = trainee.update_state()
         residual = None
         if spec.payload == "delta":
             state = subtract(state, self.base)
@@ -366,8 +358,8 @@ class Daemon:
             # On disk before the first byte leaves: a restart delivers this update instead of training again,
             # and commits the error-feedback residual that goes with it once the server holds it. A state dir
             # that cannot hold it (logged) leaves the update in memory only.
-            self.disk.uploads.save(pending, [(e.name, state[e.name], e.aliases) for e in entries], residual)
-        tied = {a: state[e.name] for e in entries for a in (e.name, *e.aliases)}
+            self.disk.uploads.save(pending, [(k, state[k], aliases[k]) for k in aliases], residual)
+        tied = {a: state[k] for k in aliases for a in (k, *aliases[k])}
         self._unsent = (pending, tied, residual)
         self._send(stub, pending, tied, residual, resume=False)
 
@@ -493,10 +485,10 @@ class Daemon:
 
 @dataclass
 class Work:
-    """What a task asks of this device, checked: local training, the update's encoding, LoRA."""
+    """What a task asks of this device, checked: local training, the update's encoding, the method."""
     settings: TrainSettings
     spec: TransferSpec
-    lora: LoraSpec | None
+    method: Method
 
 
 def plan_work(task: pb.Task, cfg: ClientConfig) -> Work:
@@ -515,10 +507,7 @@ def plan_work(task: pb.Task, cfg: ClientConfig) -> Work:
                              seed=(tr.seed + _stable_hash(cfg.device_id)) % (1 << 64),  # torch's seed range
                              compute_slowdown=cfg.compute_slowdown)
     settings.validate()
-    lora = lora_spec(tr)
-    if lora is not None:
-        lora.validate()
-    return Work(settings, upload_spec(task.upload), lora)
+    return Work(settings, upload_spec(task.upload), methods.from_task(tr))
 
 
 def upload_spec(up: pb.TransferSettings) -> TransferSpec:
@@ -579,14 +568,6 @@ def describe(hw: dict) -> str:
         f"{hw['power_w']:.1f} W ({hw['power_source']}), {hw['energy_j']:.0f} J, eta_e {hw['eta_e']:.1f} tokens/s/W")
     return f"MFU {pct(hw['mfu'])}, {power_txt}"
 
-
-
-def lora_spec(training: pb.TrainingSettings) -> LoraSpec | None:
-    """The task's LoRA settings (None: full fine-tuning)."""
-    lo = training.lora
-    if lo.rank <= 0:
-        return None
-    return LoraSpec(lo.rank, lo.alpha, tuple(lo.target_modules), lo.dropout)
 
 
 def _stable_hash(text: str) -> int:

@@ -1,10 +1,9 @@
-"""Local fine-tuning on a device's own data (full or LoRA), with the study's per-step timing breakdown."""
+"""Local fine-tuning on a device's own data, as its method prepared the model, with the study's per-step timing breakdown."""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from collections.abc import Mapping
 from typing import Iterator, Sequence
 
 import torch
@@ -13,7 +12,6 @@ import torch.nn.functional as F
 from fedcore.batching import IGNORE_INDEX, Batch, EncodedExample, encode_examples, iterate_batches
 from fedcore.data import Example
 from fedcore.flops import T5Shape, training_flops
-from fedcore.lora import B_SUFFIX, LoraSpec
 
 
 @dataclass
@@ -111,8 +109,14 @@ def train_local(
     examples: Sequence[Example],
     settings: TrainSettings,
     device: torch.device,
+    weight_grads: bool = True,
 ) -> TrainResult:
     """Fine-tune ``model`` in place with AdamW; returns timings and losses. Leaves it in eval().
+
+    The parameters that require grad train (the method's Trainee set them);
+    ``weight_grads`` False says the model's own weights are frozen (only
+    adapters learn), so the backward pass skips their gradients in the FLOP
+    count.
 
     The optimizer is created fresh per call (FedAvg clients keep no state
     between rounds). Dropout is seeded from ``settings.seed``, so callers
@@ -136,8 +140,6 @@ def train_local(
     samples = tokens = 0
     model_flops = 0.0
     shape = T5Shape.from_config(model.config)
-    # LoRA freezes the model's own weights: the backward then skips their gradients (fewer FLOPs for MFU).
-    weight_grads = any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     slept = 0.0
     batches = _batches(encoded, settings, pad_id)
     with torch.random.fork_rng(devices=[device] if on_cuda else []):
@@ -174,50 +176,6 @@ def train_local(
         model_flops=model_flops,
         emulated_sleep_s=slept,
     )
-
-
-class LoraAdapters:
-    """A T5 with peft LoRA layers on the spec's targets, trained FFA-LoRA style: A frozen, only B learns.
-
-    peft injects its layers into ``model`` in place, so ``model`` itself is
-    what :func:`train_local` trains. ``load`` and ``trainable_state`` speak
-    the global state's names (fedcore.lora: ``<module>.weight``,
-    ``<module>.lora_A.weight``, ``<module>.lora_B.weight``), not peft's.
-    """
-
-    def __init__(self, model: torch.nn.Module, spec: LoraSpec) -> None:
-        spec.validate()
-        try:
-            import peft
-        except ImportError:
-            raise ValueError(f"the server asked for {spec.describe()}, which needs peft on this device: "
-                             f"pip install 'fedtune[lora]'") from None
-        config = peft.LoraConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM, r=spec.rank, lora_alpha=spec.alpha,
-                                 target_modules=list(spec.targets), lora_dropout=spec.dropout, bias="none")
-        self.spec = spec
-        self.peft_model = peft.get_peft_model(model, config)
-        self.model = model
-        # peft's names -> ours: "<m>.base_layer.weight" -> "<m>.weight", "<m>.lora_A.default.weight" -> "<m>.lora_A.weight"
-        self.names = {k: k.replace(".base_layer.", ".").replace(".default.", ".") for k in model.state_dict()}
-        params = dict(model.named_parameters())
-        for k, p in params.items():
-            p.requires_grad_(self.names.get(k, k).endswith(B_SUFFIX))
-        self.b_params = {self.names[k]: p for k, p in params.items() if p.requires_grad}
-        if not self.b_params:
-            raise ValueError(f"{spec.describe()}: peft adapted no layer of this model")
-
-    def load(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Put the global state (base weights, A and B) into the model; names must match exactly."""
-        ours = set(self.names.values())
-        if ours != set(state):
-            diff = sorted(ours ^ set(state))
-            raise ValueError(f"the global model's tensors do not fit {self.spec.describe()} here: {len(diff)} "
-                             f"differ, first {diff[0]!r}")
-        self.model.load_state_dict({k: state[ours_k] for k, ours_k in self.names.items()}, strict=True)
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The B matrices, detached CPU copies under the global state's names: what the device uploads."""
-        return {k: p.detach().to("cpu", copy=True) for k, p in self.b_params.items()}
 
 
 def synchronize(device: torch.device) -> None:

@@ -12,7 +12,6 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from fedcore.data import load_corpus, train_eval_split
-from fedcore.lora import adapter_modules, init_adapters, trainable_names
 from fedcore.metrics import serve_metrics
 from fedcore.models import build_model, config_json, count_parameters, get_preset, load_tokenizer, pick_device
 from fedcore.sdnotify import Notifier, Watchdog
@@ -77,15 +76,12 @@ def build_coordinator(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], No
         # Evaluation of a big model can outlast the watchdog; each forward pass shows it is progressing.
         model.register_forward_pre_hook(lambda *_: heartbeat())
     evaluator = make_evaluator(cfg, model) if cfg.eval_size > 0 else None
-    state = model.state_dict()
-    spec = cfg.lora_spec()
-    if spec is not None:
-        # The adapters join the global state: A drawn once from the run seed (every device trains on the same A,
-        # see fedcore.lora), B zero, so round 0's model is the base model.
-        state = {**state, **init_adapters(state, spec, cfg.seed)}
-        log.info("%s: %d adapted layers; devices train and upload %d of %d parameters (B only)", spec.describe(),
-                 len(adapter_modules(state)), sum(state[k].numel() for k in trainable_names(state)),
-                 count_parameters(model))
+    method = cfg.method()
+    state = method.init_global(model.state_dict(), cfg.seed)
+    trainable = method.trainable(state)
+    if trainable is not None:
+        log.info("%s: devices train and upload %d tensors, %d of %d parameters", method.describe(), len(trainable),
+                 sum(state[k].numel() for k in trainable), count_parameters(model))
     return Coordinator(cfg, state, strategy_from(cfg), evaluator, preset.name, config_json(model), on_round, heartbeat)
 
 

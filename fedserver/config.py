@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.config import ConfigError, check_fields, check_preset, check_weights_dir, described
-from fedcore.lora import LoraSpec, parse_targets
+from fedcore.methods import FfaLora, FullFineTuning, Method
+from fedcore.methods.lora import LoraSpec, parse_targets
 from fedcore.wire import TransferSpec
 from fedcore.wire.formats import CODECS, ENCODINGS
 
@@ -204,21 +205,18 @@ class ServerConfig:
         if self.deadline_from_estimates and self.deadline_floor_s > self.round_deadline_s:
             raise ConfigError(f"deadline_floor_s must be at most round_deadline_s ({self.round_deadline_s:g}), got "
                               f"{self.deadline_floor_s:g}", "deadline_floor_s")
-        self.validate_lora()
+        self.validate_method()
         self.validate_security()
 
-    def validate_lora(self) -> None:
+    def validate_method(self) -> None:
+        method = self.method()
+        method.validate()
+        method.check_transfers(self.download_payload, self.download_encoding)
+
+    def method(self) -> Method:
+        """The fine-tuning method these settings ask for (fedcore.methods)."""
         spec = self.lora_spec()
-        if spec is None:
-            return
-        spec.validate()
-        if self.download_payload == "delta":
-            raise ValueError("lora_rank > 0 with download_payload = 'delta': after the first download devices "
-                             "already receive only the B matrices; set download_payload = 'weights'")
-        if self.download_encoding.lower() != "fp32":
-            raise ValueError(f"lora_rank > 0 needs download_encoding = 'fp32' (not {self.download_encoding!r}): "
-                             f"adapter-only downloads replace B in the model a device holds, which must be the "
-                             f"exact version the server sent")
+        return FfaLora(spec) if spec is not None else FullFineTuning()
 
     def lora_spec(self) -> LoraSpec | None:
         """The adapters' settings, or None for full fine-tuning."""

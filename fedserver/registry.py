@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcore.clock import SYSTEM, Clock
+
 log = logging.getLogger("fedserver.registry")
 
 
@@ -34,8 +36,9 @@ class Device:
 class Registry:
     """Not thread-safe by itself: the coordinator calls it under its lock."""
 
-    def __init__(self, liveness_s: float, path: Path | None = None) -> None:
+    def __init__(self, liveness_s: float, path: Path | None = None, clock: Clock = SYSTEM) -> None:
         self.liveness_s = liveness_s
+        self.clock = clock
         self.path = path
         self.devices: dict[str, Device] = {}
         if path is not None and path.exists():
@@ -63,8 +66,8 @@ class Registry:
     def join(self, device_id: str, num_samples: int, capabilities: dict[str, Any]) -> Device:
         # A rejoin (daemon or server restart) gets a new session; the old one stops working.
         old = self.devices.get(device_id)
-        dev = Device(device_id, uuid.uuid4().hex, num_samples, capabilities,
-                     estimates=dict(old.estimates) if old else {})
+        dev = Device(device_id, uuid.uuid4().hex, num_samples, capabilities, joined_at=self.clock.time(),
+                     last_seen=self.clock.monotonic(), estimates=dict(old.estimates) if old else {})
         self.devices[device_id] = dev
         self.save()
         return dev
@@ -73,9 +76,9 @@ class Registry:
         dev = self.devices.get(device_id)
         if dev is None or not session_id or dev.session_id != session_id:
             return None
-        dev.last_seen = time.monotonic()
+        dev.last_seen = self.clock.monotonic()
         return dev
 
     def alive(self) -> list[str]:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         return sorted(d.device_id for d in self.devices.values() if now - d.last_seen <= self.liveness_s)

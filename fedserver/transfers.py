@@ -6,9 +6,10 @@ and `/metrics` read snapshots. One small lock, held only to add a number.
 from __future__ import annotations
 
 import threading
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from fedcore.clock import SYSTEM, Clock
 
 DIRECTIONS = ("down", "up")
 
@@ -20,7 +21,7 @@ class Transfer:
     round: int
     total: int  # wire bytes announced by the manifest; 0 when unknown in advance (compression)
     done: int = 0  # bytes of this transfer held by the receiver (an upload counts resumed bytes too)
-    started: float = field(default_factory=time.monotonic)
+    started: float = 0.0
     ended: float | None = None
     sent_here: int = 0  # bytes that crossed this stream, for the rate
 
@@ -35,7 +36,8 @@ class Transfer:
 class TransferBoard:
     """The current round's transfers (finished ones stay until the next round) and byte totals."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = SYSTEM) -> None:
+        self.clock = clock
         self._lock = threading.Lock()
         self._items: dict[tuple[str, str], Transfer] = {}
         self.bytes_total = dict.fromkeys(DIRECTIONS, 0)
@@ -43,7 +45,7 @@ class TransferBoard:
     def begin(self, device_id: str, direction: str, round: int, total: int, done: int = 0) -> Transfer:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction {direction!r}")
-        t = Transfer(device_id, direction, round, max(0, total), done)
+        t = Transfer(device_id, direction, round, max(0, total), done, started=self.clock.monotonic())
         with self._lock:
             self._items[(device_id, direction)] = t
         return t
@@ -56,7 +58,7 @@ class TransferBoard:
 
     def end(self, t: Transfer) -> None:
         with self._lock:
-            t.ended = time.monotonic()
+            t.ended = self.clock.monotonic()
 
     def new_round(self, round: int) -> None:
         """Forget finished transfers of earlier rounds; keep any still running."""
@@ -64,7 +66,7 @@ class TransferBoard:
             self._items = {k: t for k, t in self._items.items() if t.ended is None or t.round >= round}
 
     def snapshot(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
+        now = self.clock.monotonic()
         with self._lock:
             items = sorted(self._items.values(), key=lambda t: (t.round, t.device_id, t.direction))
             return [{**{k: v for k, v in asdict(t).items() if k not in ("started", "ended", "sent_here")},

@@ -19,7 +19,8 @@ from fedcore.batching import EncodedExample
 from fedcore.wire import StateEncoder, unique_tensors
 from fedclient.trainer import TrainSettings, _batches
 from fedserver.app import build_coordinator
-from fedserver.rounds import MAX_NUM_SAMPLES, Coordinator, RoundError, UpdateRefused, clone_state
+from fedserver.model import clone_state
+from fedserver.rounds import MAX_NUM_SAMPLES, Coordinator, RoundError, UpdateRefused
 from fedserver.storage import RoundLog
 from fedtune.v1 import fedtune_pb2 as pb
 
@@ -263,7 +264,8 @@ def test_claims_stream_replaced_by_a_fresh_start_cannot_finish(make_round):
 ])
 def test_claims_honest_counts_are_never_cut(n_examples, batch, device_batch, task):
     """What fedclient.trainer counts as samples for a task (the daemon's steps, a device-capped batch) fits the bound."""
-    from fedserver.rounds import Assignment, weight_bound
+    from fedserver.intake import weight_bound
+    from fedserver.roundstate import Assignment
 
     steps = task.get("local_steps", 0)
     if task.get("local_samples"):

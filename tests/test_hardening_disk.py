@@ -26,7 +26,7 @@ from fedcore.channel import ClientSecurity, open_channel
 from fedcore import tensorfile
 from fedcore.tensorfile import map_tensors
 from fedcore.wire import TransferSpec, codec_name, encoding_name, unique_tensors
-from fedserver.rounds import clone_state
+from fedserver.model import clone_state
 from fedserver.storage import RoundLog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg

@@ -48,11 +48,9 @@ def commit(coord, rnd: int, records: list[dict] | None = None) -> Path:
     """What Coordinator._aggregate leaves on disk for round `rnd`: the checkpoint, then the log and summary."""
     records = records_of(rnd) if records is None else records
     summary = {"round": rnd, "participants": [r["client"] for r in records], "version": coord.version}
-    meta = {"round": str(rnd), "version": coord.version, "strategy": coord.strategy.name,
-            "round_records": json.dumps(records), "round_summary": json.dumps(summary)}
-    if coord.lora:
-        meta.update(lora=coord.lora.describe(), versions=json.dumps(coord.versions))
-    path = coord.checkpoints.save(rnd, coord._checkpoint_tensors(), meta)
+    tensors, meta = coord.model.checkpoint(coord.strategy)
+    meta.update(round=str(rnd), round_records=json.dumps(records), round_summary=json.dumps(summary))
+    path = coord.checkpoints.save(rnd, tensors, meta)
     for r in records:
         coord.round_log.append(r)
     coord.round_no = rnd
@@ -64,10 +62,10 @@ def adam_coordinator(out: Path, **over):
     """A FedAdam server with non-zero moments and a broadcast residual, so every checkpoint prefix is present."""
     cfg = tiny_server_config(out, eval_size=0, rounds=5, strategy="fedadam", insecure=True, **over)
     coord = build_coordinator(cfg)
-    train = coord._trainable()
+    train = coord.model.trainable()
     coord.strategy.apply(train, {k: torch.full_like(v, 1e-3) for k, v in train.items() if v.is_floating_point()})
     g = torch.Generator().manual_seed(1)
-    coord.broadcast_ef.commit({k: torch.randn(v.shape, generator=g) for k, v in list(train.items())[:3]})
+    coord.model.broadcast_ef.commit({k: torch.randn(v.shape, generator=g) for k, v in list(train.items())[:3]})
     return cfg, coord
 
 
@@ -200,7 +198,7 @@ def test_durable_run_of_other_settings_is_one_error_line(tmp_path, one_torch_thr
     cfg, coord, newest = two_rounds(tmp_path / "srv")
     r = _run_server(cfg, ["--lora-rank", "2"])
     line = _one_error_line(r)
-    assert r.returncode == 2 and "without LoRA" in line, r.stderr
+    assert r.returncode == 2 and "written with full fine-tuning, this server is set for LoRA r2" in line, r.stderr
     assert newest.exists(), "a mismatched run is not damage: nothing is set aside"
 
 

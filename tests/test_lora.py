@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from bench.fuzz import join_and_wait
-from fedclient.trainer import LoraAdapters, TrainSettings, make_optimizer, train_local
+from fedclient.trainer import TrainSettings, make_optimizer, train_local
 from fedclient.transfer import Limits, fetch, upload
-from fedcore import lora
+from fedcore.methods import lora
+from fedcore.methods.lora import BASE_PREFIX as LORA_BASE_PREFIX, LoraAdapters
 from fedcore.config import from_mapping, load_toml
 from fedcore.data import synthetic_corpus
 from fedcore.models import build_model, t5_config
 from fedcore.wire import TransferSpec, digest, unique_tensors
 from fedserver.app import build_coordinator
 from fedserver.config import ServerConfig
-from fedserver.rounds import LORA_BASE_PREFIX, clone_state
+from fedserver.model import clone_state
 from fedserver.simulate import SimulateConfig, run
 from fedserver.storage import CheckpointDir, RoundLog, load_checkpoint
 from fedtune.v1 import fedtune_pb2 as pb
@@ -132,7 +133,8 @@ def test_a_is_frozen_and_identical_across_devices_and_only_b_learns(tok):
                                  max_target_tokens=24, seed=i)
         assert {id(p) for g in make_optimizer(model, settings).param_groups for p in g["params"]} == \
             {id(p) for p in ad.b_params.values()}, "the optimizer holds the B matrices and nothing else"
-        res = train_local(model, tok, synthetic_corpus(8, seed=10 + i), settings, torch.device("cpu"))
+        res = train_local(model, tok, synthetic_corpus(8, seed=10 + i), settings, torch.device("cpu"),
+                          weight_grads=ad.weight_grads)
         assert res.step_times.steps == 2 and res.step_times.backward_s > 0, "timing breakdown kept"
         if i == 0:
             # MFU counts what LoRA computes: the frozen weights' gradients are skipped (4 not 6 per matmul).
@@ -269,7 +271,7 @@ def test_lora_exchange_and_aggregation_round_trip(tmp_path):
     # A restarted server continues from the checkpoint: same model, same run versions, same A.
     again = build_coordinator(cfg)
     assert again.round_no == 2 and again.version == srv.coord.version
-    assert again.versions == srv.coord.versions and len(again.versions) == 3
+    assert again.model.versions == srv.coord.model.versions and len(again.model.versions) == 3
     for k, v in srv.coord.state.items():
         assert torch.equal(again.state[k], v), k
     with pytest.raises(RuntimeError, match="written with LoRA r4 alpha 8 on q,v, this server is set for full"):

@@ -16,7 +16,7 @@ from fedcore.channel import ClientSecurity, open_channel
 from fedcore.wire import unique_tensors
 from fedserver.certs import DEVICE_URI
 from fedserver.cli import main as fedserver_main
-from fedserver.rounds import clone_state
+from fedserver.model import clone_state
 from fedserver.storage import RoundLog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg

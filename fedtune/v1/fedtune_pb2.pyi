@@ -159,7 +159,7 @@ class JoinReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., model_config_json: _Optional[str] = ..., poll_seconds: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed", "local_samples", "lora")
+    __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed", "local_samples", "lora", "method")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,7 @@ class TrainingSettings(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     local_steps: int
     batch_size: int
@@ -180,7 +181,8 @@ class TrainingSettings(_message.Message):
     seed: int
     local_samples: int
     lora: LoraSettings
-    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., local_samples: _Optional[int] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ...) -> None: ...
+    method: str
+    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., local_samples: _Optional[int] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
 
 class LoraSettings(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules", "dropout")

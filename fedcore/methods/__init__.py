@@ -1,0 +1,37 @@
+"""Fine-tuning methods, one module each, on one seam (fedcore.methods.base).
+
+`from_task` is how a device learns the method of its task; a server builds
+its method from its config (fedserver.config.ServerConfig.method).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .base import Method, Trainee, UpdateInvalid
+from .full import FullFineTuning
+from .lora import FfaLora
+
+if TYPE_CHECKING:
+    from fedtune.v1 import fedtune_pb2 as pb
+
+#: every method by the name a task carries (TrainingSettings.method)
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, FfaLora)}
+
+
+def from_task(training: pb.TrainingSettings) -> Method:
+    """The task's method; ValueError, naming it, for a method this device does not know.
+
+    A task from a server older than the method seam names none: LoRA when it
+    carries a LoRA rank, else full fine-tuning.
+    """
+    name = training.method or ("lora" if training.lora.rank > 0 else "full")
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ValueError(f"the task asks for fine-tuning method {name!r}, which this device does not know "
+                         f"(it knows {', '.join(sorted(METHODS))}): update fedtune on the device")
+    method = cls.from_task(training)
+    method.validate()
+    return method
+
+
+__all__ = ["METHODS", "FfaLora", "FullFineTuning", "Method", "Trainee", "UpdateInvalid", "from_task"]

@@ -1,0 +1,222 @@
+"""The global model of a run: its state, its method, its versions and the steps between them.
+
+Not thread-safe by itself: the coordinator reads it freely while a round
+is open (the model does not change then) and changes it only under its
+lock, with `commit`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedcore.methods import Method
+from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, TransferSpec, apply_delta, layout_of,
+                          state_digest, subtract, tensor_wire_bytes, unique_tensors)
+
+from .errors import StateMismatch
+from .storage import CheckpointError
+from .strategy import ServerStrategy
+from .versions import DeltaHistory, DeltaStep
+
+log = logging.getLogger("fedserver.model")
+
+OPT_PREFIX = "server_opt/"
+EF_PREFIX = "server_ef/"  # the broadcast-delta quantization residual, checkpointed with the model
+
+
+@dataclass
+class NextVersion:
+    """A round's result before it is committed: the new state and, with broadcast deltas, the step to it."""
+
+    canonical: dict[str, torch.Tensor]
+    aliases: dict[str, list[str]]
+    base: str
+    delta: dict[str, torch.Tensor] | None = None  # the broadcast delta to send, tied like the state
+    delta_spec: TransferSpec | None = None
+
+
+@dataclass
+class Resumed:
+    """A checkpoint taken apart for a resumed server."""
+
+    model: dict[str, torch.Tensor]
+    version: str
+    opt: dict[str, torch.Tensor]
+    residual: dict[str, torch.Tensor]
+    versions: list[str] | None
+    records: list[dict[str, Any]] | None
+    summary: dict[str, Any] | None
+
+
+class GlobalModel:
+    """The run's global state as its method keeps it (tied tensors under all their names)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], method: Method, delta_keep: int) -> None:
+        self.method = method
+        self.state = clone_state(state)
+        # What devices train and upload, and the strategy updates (None: every tensor).
+        self.trainable_names: list[str] | None = method.trainable(self.state)
+        self.layout = layout_of(self.state)
+        self.upload_layout = (self.layout if self.trainable_names is None
+                              else {k: self.layout[k] for k in self.trainable_names})
+        self.version = state_digest(unique_tensors(self.state))
+        # The versions of this run: with a method whose versions share every frozen tensor, a device holding
+        # any of them needs only the trainable tensors of the current one.
+        self.versions: list[str] = [self.version]
+        self.history = DeltaHistory(delta_keep)
+        self.broadcast_ef = ErrorFeedback()
+
+    # ------------------------------------------------------------------ views
+    def canonical(self) -> dict[str, torch.Tensor]:
+        return {e.name: e.tensor for e in unique_tensors(self.state)}
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        canonical = self.canonical()
+        return canonical if self.trainable_names is None else {k: canonical[k] for k in self.trainable_names}
+
+    def export(self) -> Mapping[str, torch.Tensor]:
+        """The global model as a plain T5 (whatever the method keeps apart merged in), ties kept."""
+        return self.method.export(self.state)
+
+    def aliases(self) -> dict[str, list[str]]:
+        return {e.name: e.aliases for e in unique_tensors(self.state)}
+
+    def wire_bytes(self, spec: TransferSpec, state: Mapping[str, torch.Tensor] | None = None) -> int:
+        """Wire bytes of the full model (or of `state`) at spec, before compression."""
+        return sum(tensor_wire_bytes(e.tensor.dtype, e.tensor.numel(), spec.encoding_id, spec.block_size,
+                                     spec.chunk_elems) for e in unique_tensors(self.state if state is None else state))
+
+    def max_update_bytes(self) -> int:
+        """A default bound on one upload's bytes: twice the trainable tensors at fp32, plus 1 MiB."""
+        return 2 * sum(t.numel() * 4 for t in self.trainable().values()) + (1 << 20)
+
+    # ------------------------------------------------------------------ steps
+    def step(self, strategy: ServerStrategy, mean_delta: Mapping[str, torch.Tensor],
+             delta_spec: TransferSpec | None) -> NextVersion:
+        """The next version from the round's mean delta, through the server strategy (not committed yet).
+
+        With `delta_spec` (broadcast deltas) the server moves its own model
+        by exactly the decoded delta, so a device that adds the same decoded
+        delta to the same version holds the same bits (digest-checked on
+        arrival). What quantization left out is kept as a residual and added
+        to the next round's step.
+        """
+        aliases = self.aliases()
+        old = self.canonical()
+        new = {**old, **strategy.apply(self.trainable(), mean_delta)}
+        if delta_spec is None:
+            return NextVersion(new, aliases, self.version)
+        send, received, residual = self.broadcast_ef.compensate(subtract(new, old), delta_spec.encoding_id,
+                                                                delta_spec.block_size, delta_spec.chunk_elems)
+        self.broadcast_ef.commit(residual)
+        tied = dict(send)
+        for name, names in aliases.items():
+            for a in names:
+                tied[a] = send[name]
+        return NextVersion(apply_delta(old, received), aliases, self.version, {k: tied[k] for k in self.state},
+                           delta_spec)
+
+    def commit(self, nxt: NextVersion) -> None:
+        self.state = self._tie(nxt.canonical, nxt.aliases)
+        self.version = state_digest(unique_tensors(self.state))
+        self.versions.append(self.version)
+        if nxt.delta is not None:
+            self.history.add(DeltaStep(nxt.base, self.version, FrozenStream(StateEncoder(
+                nxt.delta, nxt.delta_spec, digest=self.version, base_version=nxt.base))))
+
+    def _tie(self, canonical: Mapping[str, torch.Tensor], aliases: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+        new: dict[str, torch.Tensor] = {}
+        for name, t in canonical.items():
+            new[name] = t
+            for a in aliases.get(name, []):
+                new[a] = t
+        # Keep the state dict's order so manifests and digests are stable.
+        return {k: new[k] for k in self.state}
+
+    # ------------------------------------------------------------- checkpoints
+    def checkpoint(self, strategy: ServerStrategy) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, metadata) of the model's part of a checkpoint."""
+        # Aliases included: storage keeps ties, and the model part of the file loads into a T5 as is.
+        tensors = dict(self.export())
+        tensors.update(self.method.checkpoint_tensors(self.state))
+        for k, v in strategy.state_dict().items():
+            tensors[OPT_PREFIX + k] = v
+        for k, v in self.broadcast_ef.residual.items():
+            tensors[EF_PREFIX + k] = v
+        meta = {"version": self.version, "strategy": strategy.name, **self.method.checkpoint_meta()}
+        if self.method.patches_trainable:
+            meta["versions"] = json.dumps(self.versions)
+        return tensors, meta
+
+    def resumable(self, rnd: int, tensors: dict[str, torch.Tensor], meta: dict[str, str], strategy_name: str,
+                  where: str) -> Resumed:
+        """Split a verified checkpoint into what a resumed server uses.
+
+        Raises StateMismatch for a run this server's settings cannot continue
+        (another preset, method setting or strategy: nothing to fall back on) and
+        CheckpointError for content that is not what the file says it is.
+        """
+        def mismatch(why: str) -> StateMismatch:
+            return StateMismatch(f"checkpoint round {rnd} in {where} {why}; use the run's settings or another --out")
+
+        why = self.method.check_checkpoint(meta)
+        if why:
+            raise mismatch(why)
+        if meta.get("strategy", strategy_name) != strategy_name:
+            raise mismatch(f"was written by strategy {meta['strategy']}, this server runs {strategy_name}")
+        model = self.method.restore({k: v for k, v in tensors.items() if not k.startswith((OPT_PREFIX, EF_PREFIX))})
+        missing = set(self.state) - set(model)
+        if missing:
+            raise mismatch(f"lacks {len(missing)} model tensors, e.g. {sorted(missing)[0]} (a run of another "
+                           f"preset?)")
+        for k, t in self.state.items():
+            if (model[k].dtype, model[k].shape) != (t.dtype, t.shape):
+                raise mismatch(f"holds {k} as {model[k].dtype} {tuple(model[k].shape)}, this model has "
+                               f"{t.dtype} {tuple(t.shape)} (a run of another preset?)")
+        model = {k: model[k] for k in self.state}
+        version = state_digest(unique_tensors(model))
+        if meta.get("version") and meta["version"] != version:
+            raise CheckpointError(f"checkpoint round {rnd}: its model has digest {version[:19]}..., the "
+                                  f"checkpoint says {meta['version'][:19]}...; the file is damaged")
+        return Resumed(model, version,
+                       {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)},
+                       {k[len(EF_PREFIX):]: v for k, v in tensors.items() if k.startswith(EF_PREFIX)},
+                       meta_json(meta, "versions", str, rnd), meta_json(meta, "round_records", dict, rnd),
+                       meta_json(meta, "round_summary", None, rnd))
+
+    def resume(self, found: Resumed) -> None:
+        self.state, self.version = found.model, found.version
+        self.versions = found.versions or [self.version]
+        self.broadcast_ef.commit(found.residual)
+
+
+def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached CPU copy that keeps tied tensors tied (one clone per storage)."""
+    out: dict[str, torch.Tensor] = {}
+    for e in unique_tensors(state):
+        t = e.tensor.detach().to("cpu", copy=True).contiguous()
+        out[e.name] = t
+        for a in e.aliases:
+            out[a] = t
+    return {k: out[k] for k in state}
+
+
+def meta_json(meta: Mapping[str, str], key: str, item: type | None, rnd: int) -> Any:
+    """A JSON list of `item`s (item None: an object) from a checkpoint's metadata, None if absent."""
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint round {rnd}: metadata {key} is not JSON ({e})") from None
+    ok = isinstance(value, dict) if item is None else (
+        isinstance(value, list) and all(isinstance(v, item) for v in value))
+    if not ok:
+        raise CheckpointError(f"checkpoint round {rnd}: metadata {key} is not "
+                              f"{'a JSON object' if item is None else 'a list of ' + item.__name__}")
+    return value
