@@ -48,17 +48,22 @@ class SystemClock(Clock):
 
 
 class FakeClock(Clock):
-    """A clock that tests drive: a wait that is not notified moves the clock on instead of sleeping.
+    """A clock that tests drive.
 
-    `wait` yields to other threads for `real_slice` real seconds, so a notify
-    ends it early as with a real condition; otherwise it moves the clock by
-    its timeout, at most `step` seconds at a time. Callers loop until their
-    own deadline, so several waiters (a round loop, long polls) reach their
-    deadlines in order, `step` apart at worst, without sleeping through any.
+    Auto mode (`step` > 0): a wait that is not notified within `real_slice`
+    real seconds moves the clock by its timeout, at most `step` at a time.
+    Callers loop until their own deadline, so several waiters (a round loop,
+    long polls) reach their deadlines in order, `step` apart at worst,
+    without sleeping through any.
+
+    Manual mode (`step` None): time moves only by `advance`; a wait returns
+    after `real_slice` real seconds at most (or at a notify), so its caller
+    sees an advance within that slice. For tests whose devices do real work
+    before a deadline the test then passes at once.
     """
 
     def __init__(self, start: float = 1000.0, unix: float = 1.8e9, real_slice: float = 0.001,
-                 step: float = 1.0) -> None:
+                 step: float | None = 1.0) -> None:
         self._now = start
         self._unix0 = unix - start
         self._lock = threading.Lock()
@@ -81,12 +86,17 @@ class FakeClock(Clock):
 
     def wait(self, cond: threading.Condition, timeout: float) -> bool:
         notified = cond.wait(min(max(timeout, 0.0), self.real_slice))
-        if not notified:
+        if not notified and self.step is not None:
             self.advance(min(max(timeout, 0.0), self.step))
         return notified
 
     def sleep(self, seconds: float) -> None:
         self.advance(max(seconds, 0.0))
+
+
+def manual_clock(real_slice: float = 0.05) -> FakeClock:
+    """A FakeClock that moves only when the test says so."""
+    return FakeClock(real_slice=real_slice, step=None)
 
 
 SYSTEM = SystemClock()

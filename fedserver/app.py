@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from grpc_health.v1 import health_pb2
 
+from fedcore.clock import SYSTEM, Clock
 from fedcore.data import load_corpus, train_eval_split
 from fedcore.metrics import serve_metrics
 from fedcore.models import build_model, config_json, count_parameters, get_preset, load_tokenizer, pick_device
@@ -67,7 +68,7 @@ def make_evaluator(cfg: ServerConfig, model: torch.nn.Module) -> Callable[[Mappi
 
 
 def build_coordinator(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None = None,
-                      heartbeat: Callable[[], None] | None = None) -> Coordinator:
+                      heartbeat: Callable[[], None] | None = None, clock: Clock = SYSTEM) -> Coordinator:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     preset = get_preset(cfg.preset)
@@ -82,7 +83,8 @@ def build_coordinator(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], No
     if trainable is not None:
         log.info("%s: devices train and upload %d tensors, %d of %d parameters", method.describe(), len(trainable),
                  sum(state[k].numel() for k in trainable), count_parameters(model))
-    return Coordinator(cfg, state, strategy_from(cfg), evaluator, preset.name, config_json(model), on_round, heartbeat)
+    return Coordinator(cfg, state, strategy_from(cfg), evaluator, preset.name, config_json(model), on_round, heartbeat,
+                       clock)
 
 
 def _status_line(coord: Coordinator) -> str:

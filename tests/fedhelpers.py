@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from fedcore.channel import ClientSecurity, open_channel
+from fedcore.clock import SYSTEM, Clock
 from fedserver.app import build_coordinator
 from fedserver.certs import Authority, write_cert, write_key
 from fedserver.config import ServerConfig
@@ -110,8 +111,9 @@ def fleet_of(cfg: ServerConfig) -> Fleet | None:
     return None if cfg.insecure or cfg.tls_ca is None else _FLEETS[Path(cfg.tls_ca)]
 
 
-def start_server(cfg: ServerConfig, port: int = 0) -> RunningServer:
-    coord = build_coordinator(cfg)
+def start_server(cfg: ServerConfig, port: int = 0, clock: Clock = SYSTEM) -> RunningServer:
+    """A server in this process; `clock` (fedcore.clock.manual_clock) lets a test pass deadlines at once."""
+    coord = build_coordinator(cfg, clock=clock)
     server, bound, _ = make_server(coord, f"127.0.0.1:{port}", 16)
     server.start()
     t = threading.Thread(target=coord.run, daemon=True)

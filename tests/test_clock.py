@@ -39,3 +39,16 @@ def test_unix_at_and_sleep():
     clock.sleep(5.0)
     assert clock.monotonic() == 105.0 and clock.time() == 2e9 + 5.0
     assert abs(SYSTEM.unix_at(SYSTEM.monotonic() + 1.0) - (time.time() + 1.0)) < 0.5
+
+
+def test_manual_clock_moves_only_when_told():
+    from fedcore.clock import manual_clock
+
+    clock = manual_clock(real_slice=0.01)
+    cond = threading.Condition()
+    t0 = clock.monotonic()
+    with cond:
+        assert clock.wait(cond, 30.0) is False
+    assert clock.monotonic() == t0
+    clock.advance(30.0)
+    assert clock.monotonic() == t0 + 30.0

@@ -8,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from fedcore.clock import manual_clock
 from fedcore.wire import digest
 from fedserver.simulate import SimulateConfig, run
 from fedserver.storage import CheckpointDir, RoundLog, load_checkpoint
@@ -89,7 +90,8 @@ def test_daemon_started_before_server_waits_and_joins(tmp_path):
 
 def test_dead_device_does_not_hold_the_round_past_its_deadline(tmp_path):
     cfg = tiny_server_config(tmp_path / "srv", rounds=1, devices_per_round=2, min_updates=1, round_deadline_s=25)
-    srv = start_server(cfg)
+    clock = manual_clock()  # the deadline passes when the test says so, not after 25 real seconds
+    srv = start_server(cfg, clock=clock)
     procs = []
     try:
         # A device that joins, takes its task and then goes silent, as a killed daemon would.
@@ -99,7 +101,18 @@ def test_dead_device_does_not_hold_the_round_past_its_deadline(tmp_path):
         task = None
         while task is None or task.kind != pb.Task.TRAIN:
             task = stub.GetTask(pb.TaskRequest(device_id="ghost", session_id=join.session_id))
-        assert srv.wait(150), "the round waited for the dead device beyond its deadline"
+        alive = srv.coord.current.assignments["alive"]
+        t_end = time.monotonic() + 150
+        while alive.status != "aggregated" and time.monotonic() < t_end:
+            time.sleep(0.1)
+        assert alive.status == "aggregated", (tmp_path / "alive.log").read_text()
+        time.sleep(0.5)
+        assert not srv.coord.current.closed, "the round must wait for the ghost until its deadline"
+        clock.advance(24.0)
+        time.sleep(0.5)
+        assert not srv.coord.current.closed, "one second before the deadline the round still waits"
+        clock.advance(1.0)
+        assert srv.wait(60), "the round waited for the dead device beyond its deadline"
         recs = {r["client"]: r["status"] for r in RoundLog(tmp_path / "srv" / "rounds.jsonl").read()}
         assert recs == {"alive": "aggregated", "ghost": "missing"}
     finally:
