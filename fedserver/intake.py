@@ -181,7 +181,7 @@ class UploadIntake:
         return self.cfg.max_update_bytes if self.cfg.max_update_bytes > 0 else self.model.max_update_bytes()
 
     def finish(self, sess: UploadSession, current: Callable[[], RoundState | None]) -> str:
-        """Verify the staged update, validate it against the model, and fold it into the round's aggregate."""
+        """Verify the staged update and validate it against the model; it counts in the round (folded at its end)."""
         update = sess.receiver.finish(verify_digest=True)
         canonical = {e.name: e.tensor for e in unique_tensors(update)}
         is_delta = sess.header.manifest.payload == pb.DELTA
