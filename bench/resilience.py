@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedserver.simulate import Fleet, Launcher, SimulateConfig, run
+from fedlab.simulate import Fleet, Launcher, SimulateConfig, run
 from fedserver.storage import RoundLog
 
 Echo = Callable[[str], None]
@@ -175,7 +175,7 @@ def link_down(ns: str, seconds: float, echo: Echo) -> None:
 
 def linkdown(cfg: SimulateConfig, echo: Echo = print, outage_s: float = 10.0, timeout: float = 900) -> dict[str, Any]:
     """Run cfg (one device) in a topology, cutting the link during the download and during the upload."""
-    from netem.runner import SERVER_PORT, link_profiles
+    from fedlab.runner import SERVER_PORT, link_profiles
     from netem.topology import Topology, require_namespaces
 
     require_namespaces()

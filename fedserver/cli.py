@@ -1,8 +1,13 @@
-"""`fedserver`: run a server for a real fleet, or simulate a whole run on this machine."""
+"""`fedserver`: run a server for a real fleet, ask it for its status, make its certificates.
+
+The lab layer (fedlab.cli) extends this parser with `simulate` and `report`
+for the installed `fedserver` command; `python -m fedserver` is this one alone.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fedcore import config as cfgmod
@@ -10,7 +15,6 @@ from fedcore import logs
 
 from .config import ServerConfig
 from .errors import StateMismatch
-from .simulate import SimulateConfig
 from .status import StatusConfig
 
 
@@ -21,10 +25,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     run = sub.add_parser("run", help="serve federated rounds to device daemons that dial in")
     run.add_argument("--config", type=Path, default=None, help="TOML file with ServerConfig settings")
     cfgmod.add_arguments(run, ServerConfig)
-    sim = sub.add_parser("simulate", help="run a server and N device daemons on this machine and print the "
-                                          "per-round table")
-    sim.add_argument("--config", type=Path, default=None, help="TOML file with simulate settings")
-    cfgmod.add_arguments(sim, SimulateConfig)
     certs = sub.add_parser("certs", help="create a CA, a server certificate and per-device client certificates "
                                          "for mutual TLS")
     certs.add_argument("--out", type=Path, required=True, help="directory to write them to (keys get mode 0600)")
@@ -40,10 +40,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     cfgmod.add_arguments(st, StatusConfig)
     st.add_argument("--json", action="store_true", help="print the status message as JSON")
     st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
-    rpt = sub.add_parser("report", help="tables and PNG plots of a finished or running run directory")
-    rpt.add_argument("run_dir", type=Path, help="directory with summary.json and rounds.jsonl (fedserver simulate, "
-                                                "netem run or fedserver run --out)")
-    rpt.add_argument("--out", type=Path, default=None, help="where to write the report (default: RUN_DIR/report)")
     return ap, sub
 
 
@@ -53,18 +49,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = cfgmod.resolve(ServerConfig, args, args.config)
     logs.setup(args.log_level, "server")
     return serve(cfg)
-
-
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from . import simulate
-
-    cfg = cfgmod.resolve(SimulateConfig, args, args.config)
-    logs.setup(args.log_level)
-    if cfg.link:
-        from netem.runner import simulate_with_links  # needs root and namespaces
-
-        return simulate_with_links(cfg)
-    return simulate.run(cfg)
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -111,15 +95,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report  # matplotlib is an optional extra: import only here
-
-    print(write_report(args.run_dir, args.out))
-    return 0
-
-
-COMMANDS = {"run": cmd_run, "simulate": cmd_simulate, "certs": cmd_certs, "status": cmd_status,
-            "report": cmd_report}
+COMMANDS = {"run": cmd_run, "certs": cmd_certs, "status": cmd_status}
 
 
 # Exit statuses: a config or run directory that cannot be used will not fix itself, so systemd does not
@@ -135,11 +111,13 @@ def _fail(exc: BaseException, code: int) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap, _ = build_parser()
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None,
+         commands: dict[str, Callable[[argparse.Namespace], int]] | None = None) -> int:
+    """Run a subcommand; `parser` and `commands` extend this CLI (fedlab.cli adds the lab's)."""
+    ap = parser or build_parser()[0]
     args = ap.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return (commands or COMMANDS)[args.command](args)
     except (cfgmod.ConfigError, ValueError, StateMismatch) as exc:  # CheckpointError is a ValueError
         return _fail(exc, EXIT_UNUSABLE)
     except OSError as exc:

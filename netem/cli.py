@@ -2,12 +2,13 @@
 
 Exit codes: 0 success, 1 failure (including a check outside tolerance),
 2 bad input. Errors are one line on stderr. Subcommands are registered in
-:func:`build_parser`; add new ones there (each sets ``func``).
+:func:`build_parser`; add new ones there (each sets ``func``). The federated
+scenarios (`netem run`, `policies`, `report`) are the lab layer's: fedlab.cli adds
+them to the installed `netem` command.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -224,90 +225,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, "argparse._SubParsersAction
     _add_common(p, netns=False)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("run", help="run a federated scenario with every device behind its link "
-                                   "(writes rounds.jsonl and summary.json like fedserver simulate)")
-    p.add_argument("scenario", help="a name from netem/scenarios (table1-lte, table1-10g, mixed-fleet) "
-                                    "or a .toml path")
-    p.add_argument("--out", default=None, help="run directory (default runs/SCENARIO)")
-    p.add_argument("--rounds", type=int, default=None, help="override the scenario's rounds")
-    p.add_argument("--encoding", default=None, help="override the scenario's wire encoding")
-    p.add_argument("--codec", default=None, help="override the scenario's wire codec")
-    p.add_argument("--policy", default=None, choices=("steps", "samples", "time"),
-                   help="override the scenario's round policy")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("policies", help="run a scenario once per round policy (steps, samples, time) and print "
-                                        "wall time per round and idle ratio side by side")
-    p.add_argument("scenario", nargs="?", default="hetero", help="scenario name or .toml path (default hetero)")
-    p.add_argument("--out", default=None, help="parent of the runs (default runs/SCENARIO-policies)")
-    p.add_argument("--rounds", type=int, default=None, help="override the scenario's rounds")
-    p.add_argument("--policies", default="steps,samples,time", help="comma-separated (default all three)")
-    p.add_argument("--report-only", action="store_true", help="print the table from existing runs under --out")
-    p.set_defaults(func=cmd_policies)
-
-    p = sub.add_parser("report", help="print the study's Table 1 layout from run directories, next to its figures")
-    p.add_argument("runs", nargs="+", help="directories written by netem run or fedserver simulate")
-    p.add_argument("--json", action="store_true", help="machine-readable rows")
-    p.set_defaults(func=cmd_report)
     return parser, sub
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from . import report
-
-    try:
-        rows = [report.load_run(d) for d in args.runs]
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if args.json:
-        print(json.dumps(report.rows_as_dicts(rows), indent=2))
-    else:
-        print(report.render(rows))
-        print(report.efficiency_sections(args.runs))
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from fedcore.config import ConfigError
-
-    from .runner import run_scenario  # imports torch via fedserver: keep other commands fast
-
-    try:
-        return run_scenario(args.scenario, {"out": args.out, "rounds": args.rounds, "encoding": args.encoding,
-                                            "codec": args.codec, "round_policy": args.policy})
-    except (ConfigError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def cmd_policies(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from fedcore.config import ConfigError
-
-    from . import policies
-    from .runner import run_scenario
-
-    names = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = sorted(set(names) - set(policies.POLICIES))
-    if unknown or not names:
-        raise UsageError(f"unknown policies {unknown}; choose from {', '.join(policies.POLICIES)}")
-    base = Path(args.out or f"runs/{Path(args.scenario).stem}-policies")
-    try:
-        for name in names if not args.report_only else []:
-            code = run_scenario(args.scenario, {"out": str(base / name), "rounds": args.rounds, "round_policy": name})
-            if code != 0:
-                _err(f"policy {name}: the run failed (exit {code}); see {base / name / 'logs'}")
-                return code
-        rows = [policies.load(base / name) for name in names]
-    except (ConfigError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    print(policies.render(rows))
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point of the ``netem`` console script."""
-    parser, _ = build_parser()
+def main(argv: Optional[list[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
+    """Run a subcommand; `parser` extends this CLI (fedlab.cli adds the federated scenarios)."""
+    parser = parser or build_parser()[0]
     _setup_logging()
     try:
         args = parser.parse_args(argv)

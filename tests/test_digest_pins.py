@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from fedserver.simulate import SimulateConfig, run
+from fedlab.simulate import SimulateConfig, run
 
 pytestmark = pytest.mark.slow
 

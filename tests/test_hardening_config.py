@@ -17,7 +17,7 @@ from fedcore import config as cfgmod
 from fedcore.config import ConfigError, from_mapping
 from fedserver.cli import build_parser
 from fedserver.config import ServerConfig
-from fedserver.simulate import SimulateConfig
+from fedlab.simulate import SimulateConfig
 
 CONFIGS = [ServerConfig, ClientConfig, SimulateConfig, BenchConfig]
 # What a class needs besides its defaults to load on this machine (no certificates in these tests).
@@ -210,7 +210,7 @@ def test_config_simulate_settings_are_checked_by_their_own_names(tmp_path):
 
 def test_config_documented_settings_still_load(tmp_path):
     """The README's examples and the shipped scenarios pass the stricter checks."""
-    from netem.runner import SCENARIOS, load_scenario
+    from fedlab.runner import SCENARIOS, load_scenario
 
     for path in sorted(SCENARIOS.glob("*.toml")):
         load_scenario(str(path))

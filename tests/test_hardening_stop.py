@@ -15,7 +15,7 @@ import pytest
 
 from fedcore.config import to_dict
 from fedcore.wire import StateEncoder, TransferSpec, codec_name, encoding_name
-from fedserver.simulate import free_port, write_toml
+from fedlab.simulate import free_port, write_toml
 from fedserver.storage import RoundLog
 from fedtune.v1 import fedtune_pb2 as pb
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedcore.hwreport import device_rows, efficiency_lines
-from netem import cli
+from fedlab import cli
 
 
 def _rec(client: str, rnd: int, tps: float, power_w: float | None, status: str = "aggregated") -> dict:
@@ -41,7 +41,7 @@ def test_netem_report_prints_the_efficiency_section(tmp_path, capsys) -> None:
     rec = {**_rec("orin-1", 1, 5000.0, 28.0), "t_down_s": 1.0, "t_up_s": 2.0, "t_wait_s": 0.1, "t_comm_s": 3.1,
            "bytes_up": 1000, "bytes_down": 1000}
     (d / "rounds.jsonl").write_text(json.dumps(rec) + "\n")
-    assert cli.main(["report", str(d)]) == 0
+    assert cli.netem_main(["report", str(d)]) == 0
     out = capsys.readouterr().out
     assert "Table 1 layout" in out and "Hardware efficiency per device" in out
     assert "5665.5 TPS, 28.10 W, ηe 200.75, MFU 6.5%" in out  # the study's Orin, Small, minibatch 8

@@ -22,7 +22,7 @@ from fedcore.wire import TransferSpec, digest, unique_tensors
 from fedserver.app import build_coordinator
 from fedserver.config import ServerConfig
 from fedserver.model import clone_state
-from fedserver.simulate import SimulateConfig, run
+from fedlab.simulate import SimulateConfig, run
 from fedserver.storage import CheckpointDir, RoundLog, load_checkpoint
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -399,7 +399,7 @@ def global_state_for(cfg: SimulateConfig) -> dict[str, torch.Tensor]:
 
 
 def test_compress_lora_scenario_is_compress_fp32_with_adapters():
-    from netem.runner import load_scenario, scenario_path
+    from fedlab.runner import load_scenario, scenario_path
 
     from fedcore.config import load_toml
 

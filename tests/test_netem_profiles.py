@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 (JetPack 6)
     tomllib = pytest.importorskip("tomli")
 
-SCENARIOS = Path(__file__).resolve().parent.parent / "netem" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parent.parent / "fedlab" / "scenarios"
 LTE = PROFILES["lte"]
 # 1448 payload bytes per 1514-byte frame at MTU 1500 with TCP timestamps.
 L2_PER_GOODPUT = 1514 / 1448
@@ -223,7 +223,7 @@ def test_scenario_files_parse_and_name_known_profiles(name):
     data = tomllib.loads((SCENARIOS / f"{name}.toml").read_text())
     from dataclasses import fields
 
-    from fedserver.simulate import SimulateConfig
+    from fedlab.simulate import SimulateConfig
 
     assert SCENARIO_KEYS <= set(data)
     assert set(data) - SCENARIO_KEYS <= {f.name for f in fields(SimulateConfig)}
@@ -275,17 +275,18 @@ def test_cli_usage_errors_are_exit_2(capsys):
 
 
 def test_cli_run_takes_a_scenario_and_refuses_unknown_ones(capsys):
-    parser, _ = cli.build_parser()
-    args = parser.parse_args(["run", "mixed-fleet", "--rounds", "2"])
-    assert args.func is cli.cmd_run and args.scenario == "mixed-fleet" and args.rounds == 2
-    assert cli.main(["run", "no-such-scenario"]) == 2
+    from fedlab import cli as lab_cli
+
+    args = lab_cli.netem_parser().parse_args(["run", "mixed-fleet", "--rounds", "2"])
+    assert args.func is lab_cli.cmd_run and args.scenario == "mixed-fleet" and args.rounds == 2
+    assert lab_cli.netem_main(["run", "no-such-scenario"]) == 2
     err = capsys.readouterr().err
     assert "table1-lte" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("name", ["table1-lte", "table1-10g", "mixed-fleet"])
 def test_ready_scenarios_load_into_simulate_configs(name):
-    from netem.runner import link_profiles, load_scenario
+    from fedlab.runner import link_profiles, load_scenario
 
     cfg = load_scenario(name, {"rounds": 1})
     assert cfg.rounds == 1 and cfg.link
@@ -294,7 +295,7 @@ def test_ready_scenarios_load_into_simulate_configs(name):
 
 
 def test_link_profiles_one_for_all_or_one_each():
-    from netem.runner import link_profiles
+    from fedlab.runner import link_profiles
 
     assert [p.name for p in link_profiles("lte", 3)] == ["lte"] * 3
     assert [p.name for p in link_profiles("lte,5g", 2)] == ["lte", "5g"]

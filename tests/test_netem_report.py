@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from netem import cli
-from netem.report import load_run, render
+from fedlab import cli
+from fedlab.table1 import load_run, render
 
 
 def _run_dir(tmp_path, link="lte"):
@@ -34,5 +34,5 @@ def test_report_rows_follow_the_study_definitions(tmp_path):
 
 
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
-    assert cli.main(["report", str(tmp_path)]) == 2
+    assert cli.netem_main(["report", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from bench.resilience import linkdown, linkdown_config
-from fedserver.simulate import SimulateConfig
+from fedlab.simulate import SimulateConfig
 from fedserver.storage import RoundLog
-from netem.runner import simulate_with_links
+from fedlab.runner import simulate_with_links
 from netem.tc import NetemError
 from netem.topology import list_namespaces, require_namespaces
 

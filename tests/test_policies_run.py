@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from fedserver.simulate import SimulateConfig, run
+from fedlab.simulate import SimulateConfig, run
 from fedserver.storage import RoundLog
-from netem.policies import load, render
+from fedlab.policies import load, render
 
 pytestmark = pytest.mark.slow
 

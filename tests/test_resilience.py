@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from bench.resilience import crash_config, disturbed, undisturbed, wait_for
-from fedserver.simulate import Fleet, SimulateConfig
+from fedlab.simulate import Fleet, SimulateConfig
 from fedserver.storage import RoundLog
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 
 from fedcore.clock import manual_clock
 from fedcore.wire import digest
-from fedserver.simulate import SimulateConfig, run
+from fedlab.simulate import SimulateConfig, run
 from fedserver.storage import CheckpointDir, RoundLog, load_checkpoint
 from fedtune.v1 import fedtune_pb2 as pb
 

@@ -13,7 +13,7 @@ import pytest
 
 from fedcore.sdnotify import Notifier, Watchdog
 from fedserver.config import ServerConfig
-from fedserver.simulate import free_port, write_toml
+from fedlab.simulate import free_port, write_toml
 from fedcore.config import to_dict
 
 from fedhelpers import Fleet

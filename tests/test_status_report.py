@@ -7,8 +7,8 @@ import urllib.request
 import pytest
 
 from fedserver.metrics import server_registry
-from fedserver.report import load_run, write_report
-from fedserver.simulate import free_port
+from fedlab.report import load_run, write_report
+from fedlab.simulate import free_port
 from fedserver.status import fetch_status, render_status
 from fedserver.storage import RoundLog
 
@@ -101,7 +101,7 @@ def test_health_says_not_serving_once_the_run_is_finished(tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from fedcore.config import to_dict
-    from fedserver.simulate import write_toml
+    from fedlab.simulate import write_toml
     from fedtune.v1 import fedtune_pb2 as pb
     from fedtune.v1 import fedtune_pb2_grpc as pbg
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.config import ConfigError, from_mapping, load_toml
-from fedserver import simulate
-from fedserver.simulate import Launcher, SimulateConfig
+from . import simulate
+from .simulate import Launcher, SimulateConfig
 
-from .profiles import LinkProfile, parse_profile
-from .topology import Topology, require_namespaces
+from netem.profiles import LinkProfile, parse_profile
+from netem.topology import Topology, require_namespaces
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 SERVER_PORT = 50051

@@ -16,7 +16,7 @@ from typing import Any
 
 from fedcore.metrics import DEVICE_FIGURES, device_figure
 
-from .storage import RoundLog
+from fedserver.storage import RoundLog
 
 LOOPBACK = "loopback"
 UNKNOWN_LINK = "not emulated"

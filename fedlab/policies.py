@@ -12,7 +12,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from .report import read_run
+from .table1 import read_run
 
 POLICIES = ("steps", "samples", "time")
 

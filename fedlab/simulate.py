@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from fedcore.config import ConfigError, check_fields, described, to_dict
 from fedcore.hwreport import efficiency_lines
 
-from .config import INT32, PAYLOADS, ROUND_POLICIES, STRATEGIES, WIRE_CODECS, WIRE_ENCODINGS, ServerConfig
+from fedserver.config import INT32, PAYLOADS, ROUND_POLICIES, STRATEGIES, WIRE_CODECS, WIRE_ENCODINGS, ServerConfig
 
 
 @dataclass
@@ -283,7 +283,7 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     for s in summaries[printed:]:
         echo(table_row(s))
     elapsed = time.monotonic() - t0
-    from .storage import RoundLog  # imports torch; keep `simulate --help` fast
+    from fedserver.storage import RoundLog  # imports torch; keep `simulate --help` fast
 
     echo("")
     for line in efficiency_lines(RoundLog(out / "rounds.jsonl").read(), cfg.preset, cfg.batch_size, by="hardware"):
@@ -318,7 +318,7 @@ class Fleet:
         scfg = cfg.server_config(self.out, self.port, self.launcher.listen_host)
         self.certs = None
         if not cfg.insecure:
-            from .certs import write_fleet
+            from fedserver.certs import write_fleet
 
             # The server certificate must name the address the daemons dial.
             self.certs = write_fleet(self.out / "certs", cfg.device_ids(),
