@@ -222,20 +222,25 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add a ``--field-name`` flag for every field of cls (default: unset)."""
+    """Add a ``--field-name`` flag for every field of cls (default: unset, so the file or the default holds).
+
+    A boolean is ``--name`` / ``--no-name`` (still ``name = true``/``false``
+    in TOML); every other field takes a value.
+    """
+    types = _field_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            default=None,
-            metavar=f.name.upper(),
-            help=f"{help_text} (default: {default})".strip(),
-        )
+        flag = "--" + f.name.replace("_", "-")
+        if _base_type(types[f.name]) is bool:
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"{help_text} (default: {'on' if default else 'off'})".strip())
+            continue
+        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                            help=f"{help_text} (default: {default})".strip())
 
 
 def resolve(cls: type[T], args: argparse.Namespace, config_path: Path | None = None,

@@ -347,7 +347,7 @@ class Fleet:
 
     def start_device(self, i: int) -> subprocess.Popen:
         dev = self.cfg.device_ids()[i]
-        tls = self.certs.client_args(dev) if self.certs else ["--insecure", "true"]
+        tls = self.certs.client_args(dev) if self.certs else ["--insecure"]
         argv = [sys.executable, "-m", "fedclient", "run", *self.cfg.client_args(i, self.server_addr), *tls]
         return self._start(dev, self.launcher.wrap_device(i, argv))
 

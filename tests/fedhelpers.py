@@ -123,7 +123,7 @@ def start_server(cfg: ServerConfig, port: int = 0, clock: Clock = SYSTEM) -> Run
 
 def start_daemon(address: str, device_id: str, log: Path, *extra: str, fleet: Fleet | None = None
                  ) -> subprocess.Popen:
-    tls = fleet.client_args(device_id) if fleet is not None else ["--insecure", "true"]
+    tls = fleet.client_args(device_id) if fleet is not None else ["--insecure"]
     argv = [sys.executable, "-m", "fedclient", "run", "--server", address, "--device-id", device_id,
             "--data-size", "24", "--threads", "1", "--retry-initial-s", "0.2", "--retry-max-s", "1", *tls, *extra]
     return subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT)

@@ -65,7 +65,7 @@ def test_config_issue_values_are_refused_naming_key_and_file(tmp_path, key, valu
 ])
 def test_config_flags_are_checked_like_keys_and_named_as_flags(tmp_path, flag, value, key):
     ap, _ = build_parser()
-    args = ap.parse_args(["run", "--insecure", "true", flag, value])
+    args = ap.parse_args(["run", "--insecure", flag, value])
     with pytest.raises(ConfigError) as err:
         cfgmod.resolve(ServerConfig, args, None)
     assert str(err.value).startswith(flag + " "), str(err.value)
@@ -218,7 +218,7 @@ def test_config_documented_settings_still_load(tmp_path):
                                                 'link_t_comp_s = 0\nlora_alpha = 16\nupload_codec = "zstd-bg"\n')
     assert cfg.round_deadline_s == 3600.0 and isinstance(cfg.round_deadline_s, float)
     ap, _ = build_parser()
-    args = ap.parse_args(["run", "--insecure", "yes", "--error-feedback", "false", "--rounds", "3"])
+    args = ap.parse_args(["run", "--insecure", "--no-error-feedback", "--rounds", "3"])
     assert cfgmod.resolve(ServerConfig, args, None).rounds == 3
 
 
@@ -249,3 +249,16 @@ def test_config_a_finite_check_holds_for_every_float_default():
         for f, _ in _fields(obj.__class__, float):
             v = getattr(obj, f.name)
             assert v is None or all(math.isfinite(x) for x in (v if isinstance(v, list) else [v]))
+
+
+def test_config_booleans_are_flags_and_no_flags_and_toml_keys(tmp_path):
+    """Issue 15 part 4: --name / --no-name on the command line, name = true/false in a file; flags win."""
+    ap, _ = build_parser()
+    assert cfgmod.resolve(ServerConfig, ap.parse_args(["run", "--insecure", "--save-updates"]), None).save_updates
+    path = tmp_path / "server.toml"
+    path.write_text('insecure = true\nerror_feedback = true\nupload_payload = "delta"\n')
+    cfg = cfgmod.resolve(ServerConfig, ap.parse_args(["run", "--no-error-feedback"]), path)
+    assert cfg.insecure is True and cfg.error_feedback is False
+    assert cfgmod.resolve(ServerConfig, ap.parse_args(["run"]), path).error_feedback is True, "unset flag: the file"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["run", "--insecure", "true"])  # a boolean flag takes no value

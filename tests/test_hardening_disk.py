@@ -135,7 +135,7 @@ def test_disk_full_staging_on_a_small_tmpfs_is_refused_and_the_server_survives(t
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         argv = [sys.executable, "-m", "fedserver", "run", "--listen", f"127.0.0.1:{port}", "--out", str(out),
-                "--insecure", "true", "--preset", "tiny", "--rounds", "1", "--devices-per-round", "1",
+                "--insecure", "--preset", "tiny", "--rounds", "1", "--devices-per-round", "1",
                 "--local-steps", "1", "--batch-size", "8", "--eval-size", "0", "--round-deadline-s", "600",
                 "--poll-seconds", "1"]
         server = subprocess.Popen(argv, stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)

@@ -277,7 +277,7 @@ def test_status_command_dials_with_an_operator_certificate(tmp_path, capsys):
         assert fedserver_main(["status", "--server", srv.address]) == 2
         assert "--insecure" in capsys.readouterr().err
         # Plaintext against a TLS server: no answer.
-        assert fedserver_main(["status", "--server", srv.address, "--insecure", "true", "--timeout", "5"]) == 1
+        assert fedserver_main(["status", "--server", srv.address, "--insecure", "--timeout", "5"]) == 1
         assert "UNAVAILABLE" in capsys.readouterr().err
     finally:
         srv.close()

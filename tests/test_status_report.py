@@ -27,7 +27,7 @@ def _sample(text: str, name: str) -> float:
 def test_status_metrics_and_report_of_a_two_round_run(tmp_path):
     srv = start_server(tiny_server_config(tmp_path / "srv", rounds=2, devices_per_round=2, min_updates=2))
     mport = free_port()
-    daemons = [start_daemon(srv.address, "dev-a", tmp_path / "a.log", "--stay-after-shutdown", "true",
+    daemons = [start_daemon(srv.address, "dev-a", tmp_path / "a.log", "--stay-after-shutdown",
                             "--metrics-listen", f"127.0.0.1:{mport}", fleet=srv.fleet),
                start_daemon(srv.address, "dev-b", tmp_path / "b.log", fleet=srv.fleet)]
     try:
