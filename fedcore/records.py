@@ -25,6 +25,9 @@ class Absent(enum.Enum):
     def __repr__(self) -> str:
         return "ABSENT"
 
+    def __bool__(self) -> bool:  # `if rec.note:` reads as "holds a note"
+        return False
+
 
 ABSENT = Absent.ABSENT
 

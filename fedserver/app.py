@@ -21,7 +21,8 @@ from .config import ServerConfig
 from .errors import StateMismatch
 from .evaluate import evaluate
 from .metrics import server_registry
-from .rounds import Coordinator, EvalRecord
+from .roundlog import EvalRecord
+from .rounds import Coordinator
 from .service import make_server
 from .storage import CheckpointError
 from .strategy import make_strategy

@@ -7,7 +7,7 @@ import pytest
 
 from fedserver.app import build_coordinator
 from fedserver.registry import Registry
-from fedserver.rounds import plan_work, round_deadline
+from fedserver.planning import plan_work, round_deadline
 from fedserver.storage import RoundLog
 
 from fedhelpers import tiny_server_config
@@ -25,7 +25,7 @@ def test_restart_makes_the_round_log_match_the_last_checkpoint(tmp_path, one_tor
     coord2 = build_coordinator(cfg)
     assert coord2.round_no == 1
     assert RoundLog(cfg.out / "rounds.jsonl").read() == recs, "round 1 restored, round 2 dropped"
-    assert [s["round"] for s in coord2.summaries] == [1]
+    assert [s["round"] for s in coord2.records.summaries] == [1]
     # A second restart changes nothing: reconciliation is idempotent.
     build_coordinator(cfg)
     assert RoundLog(cfg.out / "rounds.jsonl").read() == recs
