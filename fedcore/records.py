@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, Mapping, TypeVar
 
 from fedcore.efficiency import NUMERIC_KEYS
 
@@ -39,18 +39,19 @@ def known(v: Any) -> Any:
     return None if v is ABSENT else v
 
 
-def number(v: Any) -> float | None:
-    """v as a float when it is a finite number (not a bool); None otherwise."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-        return float(v)
+def device_figure(record: Mapping[str, Any], key: str) -> float | None:
+    """A figure from a device's round record (or its metrics) or their `extra` map; None when absent, null or
+    not a finite number."""
+    for source in (record, record.get("extra") or {}):
+        v = source.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
     return None
 
 
 @dataclass
 class _Record:
     """Fields in their JSON order; the `more` field's keys are written where it stands."""
-
-    REQUIRED: ClassVar[tuple[str, ...]] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -64,11 +65,8 @@ class _Record:
 
     @classmethod
     def from_json(cls: type[R], d: Mapping[str, Any]) -> R:
-        """The record a JSON object holds; ValueError when a required key is missing."""
+        """The record a JSON object holds: a key it lacks is ABSENT, a key the schema does not name goes to more."""
         names = {f.name for f in fields(cls)} - {"more"}
-        missing = [k for k in cls.REQUIRED if k not in d]
-        if missing:
-            raise ValueError(f"{cls.__name__} record without {', '.join(missing)}: {dict(d)!r:.200}")
         return cls(**{k: v for k, v in d.items() if k in names},  # type: ignore[arg-type]
                    more={k: v for k, v in d.items() if k not in names})
 
@@ -89,11 +87,9 @@ DEVICE_METRIC_KEYS = ("t_comp_s", "t_down_s", "t_up_s", "t_wait_s", "bytes_down"
 class DeviceRound(_Record):
     """One device's part in one attempt of a round: a line of rounds.jsonl."""
 
-    REQUIRED: ClassVar[tuple[str, ...]] = ("round", "client")
-
-    round: int
+    round: int | Absent = ABSENT
     attempt: int | Absent = ABSENT
-    client: str = ""
+    client: str | Absent = ABSENT
     status: str | Absent = ABSENT  # aggregated | refused | missing
     num_samples: int | Absent = ABSENT  # the update's FedAvg weight
     num_samples_claimed: int | Absent = ABSENT
@@ -150,17 +146,13 @@ class DeviceRound(_Record):
 
     def figure(self, key: str) -> float | None:
         """A device figure from the record or its `extra` map; None when absent, null or not a finite number."""
-        v = number(known(getattr(self, key, ABSENT)) if key in _DEVICE_ROUND_FIELDS else self.more.get(key))
-        if v is None:
-            v = number((known(self.extra) or {}).get(key))
-        return v
+        return device_figure(self.to_json(), key)
 
     def extra_value(self, key: str, default: Any = None) -> Any:
         return (known(self.extra) or {}).get(key, default)
 
 
-_DEVICE_ROUND_FIELDS = frozenset(f.name for f in fields(DeviceRound)) - {"more"}
-assert set(HARDWARE_KEYS) <= _DEVICE_ROUND_FIELDS, "fedcore.efficiency names a figure DeviceRound lacks"
+assert set(NUMERIC_KEYS) <= {f.name for f in fields(DeviceRound)}, "fedcore.efficiency names a figure DeviceRound lacks"
 
 
 @dataclass
@@ -168,9 +160,7 @@ class RoundSummary(_Record):
     """One round in summary.json (round 0: the initial model's evaluation, with only round, participants,
     version and the evaluation)."""
 
-    REQUIRED: ClassVar[tuple[str, ...]] = ("round",)
-
-    round: int
+    round: int | Absent = ABSENT
     participants: list[str] = field(default_factory=list)  # the devices whose updates were aggregated
     sampled: int | Absent = ABSENT
     t_comp_s: float | Absent = ABSENT  # the slowest device's
