@@ -10,7 +10,9 @@ from statistics import mean
 from typing import Any, Iterable
 
 from fedcore import study
+from fedcore.efficiency import NUMERIC_KEYS
 from fedcore.flops import T5Shape, training_flops
+from fedcore.records import DeviceRound, known
 
 
 def _mean(values: Iterable[Any]) -> float | None:
@@ -25,20 +27,19 @@ def _f(v: float | None, fmt: str, scale: float = 1.0) -> str:
 def device_rows(records: list[dict[str, Any]], by: str = "client") -> list[dict[str, Any]]:
     """One row per device (``by="client"``) or per kind of hardware (``by="hardware"``): means over the
     aggregated rounds; unknown figures stay None."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in records:
-        if r.get("status") == "aggregated" and "t_comp_s" in r:
-            groups.setdefault(str(r.get(by)), []).append(r)
+    groups: dict[str, list[DeviceRound]] = {}
+    for r in map(DeviceRound.from_json, records):
+        if r.aggregated and r.measured:
+            groups.setdefault(str(known(getattr(r, by))), []).append(r)
     rows = []
     for key, recs in sorted(groups.items()):
-        devices = sorted({str(r.get("client")) for r in recs})
+        devices = sorted({str(known(r.client)) for r in recs})
         rows.append({
             "device": devices[0] if len(devices) == 1 else f"{len(devices)} devices",
-            "hardware": next((r["hardware"] for r in recs if r.get("hardware")), None),
+            "hardware": next((r.hardware for r in recs if r.hardware), None),
             "rounds": len(recs),
-            **{k: _mean(r.get(k) for r in recs)
-               for k in ("tokens_per_s", "flops_per_token", "peak_flops", "mfu", "power_w", "energy_j", "eta_e")},
-            "power_source": next((r["power_source"] for r in recs if r.get("power_source")), None),
+            **{k: _mean(known(getattr(r, k)) for r in recs) for k in NUMERIC_KEYS},
+            "power_source": next((r.power_source for r in recs if r.power_source), None),
         })
     return rows
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from fedcore.records import device_figure  # noqa: F401 (read by the exporters and reports from here)
+
 log = logging.getLogger("fedcore.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -168,7 +170,8 @@ def set_optional(fam: Family, records: Iterable[tuple[dict[str, str], float | in
 
 
 # Figures a device may measure per round (throughput, and power/efficiency
-# where the hardware reports them): round-record key -> (metric suffix, help).
+# where the hardware reports them): round-record key (fedcore.records.DeviceRound;
+# device_figure reads one) -> (metric suffix, help).
 DEVICE_FIGURES: dict[str, tuple[str, str]] = {
     "tokens_per_s": ("tokens_per_second", "training tokens per second in the last round"),
     "mfu": ("mfu", "model FLOPs utilisation in the last round (0..1)"),
@@ -176,12 +179,3 @@ DEVICE_FIGURES: dict[str, tuple[str, str]] = {
     "energy_j": ("energy_joules", "device energy spent training in the last round"),
     "eta_e": ("eta_e", "energy efficiency eta_e of the last round"),
 }
-
-
-def device_figure(record: dict, key: str) -> float | None:
-    """A figure from a round record or its `extra` map; None when absent, null or not a finite number."""
-    for source in (record, record.get("extra") or {}):
-        v = source.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            return float(v)
-    return None

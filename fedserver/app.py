@@ -15,13 +15,15 @@ from fedcore.clock import SYSTEM, Clock
 from fedcore.data import load_corpus, train_eval_split
 from fedcore.metrics import serve_metrics
 from fedcore.models import build_model, config_json, count_parameters, get_preset, load_tokenizer, pick_device
+from fedcore.records import RoundSummary, known
 from fedcore.sdnotify import Notifier, Watchdog
 
 from .config import ServerConfig
 from .errors import StateMismatch
 from .evaluate import evaluate
 from .metrics import server_registry
-from .rounds import Coordinator, EvalRecord
+from .roundlog import EvalRecord
+from .rounds import Coordinator
 from .service import make_server
 from .storage import CheckpointError
 from .strategy import make_strategy
@@ -89,8 +91,8 @@ def build_coordinator(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], No
 
 def _status_line(coord: Coordinator) -> str:
     s = coord.snapshot()
-    last = s["last_round"]
-    g = f", last G {last['g']:.3f}" if last and last.get("g") is not None else ""
+    last = RoundSummary.from_json(s["last_round"] or {})
+    g = f", last G {last.g:.3f}" if known(last.g) is not None else ""
     return (f"{s['phase']}: round {s['round']} of {s['rounds_total']}, {s['devices_connected']} devices "
             f"connected{g}")
 

@@ -1,7 +1,8 @@
 """The server's Prometheus metrics, read from a coordinator snapshot at every scrape."""
 from __future__ import annotations
 
-from fedcore.metrics import DEVICE_FIGURES, Registry, device_figure, set_optional
+from fedcore.metrics import DEVICE_FIGURES, Registry, set_optional
+from fedcore.records import DeviceRound, RoundSummary, known
 
 from .rounds import Coordinator
 
@@ -18,7 +19,7 @@ def server_registry(coord: Coordinator) -> Registry:
     bytes_ = reg.counter(P + "bytes_total", "model bytes on the wire by this process, by direction "
                                             "(down: sent to devices, up: verified from devices)")
     devices = reg.gauge(P + "devices_connected", "devices heard from within liveness_s")
-    known = reg.gauge(P + "devices_known", "devices that joined this server")
+    devices_known = reg.gauge(P + "devices_known", "devices that joined this server")
     in_flight = reg.gauge(P + "transfers_in_flight", "model transfers streaming now, by direction")
     t_comm = reg.gauge(P + "last_round_t_comm_seconds", "T_comm of the last round (slowest device)")
     t_comp = reg.gauge(P + "last_round_t_comp_seconds", "T_comp of the last round (slowest device)")
@@ -37,23 +38,23 @@ def server_registry(coord: Coordinator) -> Registry:
         total.set(snap["rounds_total"])
         open_.set(int(snap["round_open"]))
         devices.set(snap["devices_connected"])
-        known.set(snap["devices_known"])
+        devices_known.set(snap["devices_known"])
         for direction, n in snap["bytes_total"].items():
             bytes_.set(n, direction=direction)
         for direction, n in snap["transfers_in_flight"].items():
             in_flight.set(n, direction=direction)
-        last = snap["last_round"] or {}
-        t_comm.set(last.get("t_comm_s"))
-        t_comp.set(last.get("t_comp_s"))
-        g.set(last.get("g"))
-        rouge.set(last.get("rougeL"))
-        last_bytes.set(last.get("bytes_down"), direction="down")
-        last_bytes.set(last.get("bytes_up"), direction="up")
-        recs = [r for r in snap["last_records"] if r.get("status") == "aggregated"]
-        set_optional(dev_comm, [({"device": r["client"]}, r.get("t_comm_s")) for r in recs])
-        set_optional(dev_comp, [({"device": r["client"]}, r.get("t_comp_s")) for r in recs])
+        last = RoundSummary.from_json(snap["last_round"] or {})
+        t_comm.set(known(last.t_comm_s))
+        t_comp.set(known(last.t_comp_s))
+        g.set(known(last.g))
+        rouge.set(known(last.rougeL))
+        last_bytes.set(known(last.bytes_down), direction="down")
+        last_bytes.set(known(last.bytes_up), direction="up")
+        recs = [r for r in map(DeviceRound.from_json, snap["last_records"]) if r.aggregated]
+        set_optional(dev_comm, [({"device": r.client}, known(r.t_comm_s)) for r in recs])
+        set_optional(dev_comp, [({"device": r.client}, known(r.t_comp_s)) for r in recs])
         for key, fam in figures.items():
-            set_optional(fam, [({"device": r["client"]}, device_figure(r, key)) for r in recs])
+            set_optional(fam, [({"device": r.client}, r.figure(key)) for r in recs])
 
     reg.collector(collect)
     return reg

@@ -11,6 +11,7 @@ import grpc
 import fedcore
 from fedcore.channel import ClientSecurity, open_channel
 from fedcore.config import described
+from fedcore.records import RoundSummary, known
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
@@ -26,18 +27,18 @@ def status_message(snap: dict[str, Any]) -> pb.ServerStatus:
         transfers=[pb.TransferProgress(device_id=t["device_id"], direction=t["direction"], round=t["round"],
                                        bytes_done=t["done"], bytes_total=t["total"], rate_bytes_per_s=t["rate_bps"],
                                        seconds=t["seconds"], active=t["active"]) for t in snap["transfers"]])
-    last = snap.get("last_round")
-    if last:
+    if snap.get("last_round"):
+        last = RoundSummary.from_json(snap["last_round"])
         lr = msg.last_round
-        lr.round = last["round"]
-        lr.t_comm_s = last.get("t_comm_s") or 0.0  # null when no device's figures were known; g is unset then
-        lr.t_comp_s = last.get("t_comp_s", 0.0)
-        lr.bytes_down = last.get("bytes_down", 0)
-        lr.bytes_up = last.get("bytes_up", 0)
-        lr.participants.extend(last.get("participants", []))
-        for src, dst in (("g", "g"), ("rougeL", "rouge_l"), ("eval_loss", "eval_loss")):
-            if last.get(src) is not None:
-                setattr(lr, dst, last[src])
+        lr.round = last.round
+        lr.t_comm_s = known(last.t_comm_s) or 0.0  # null when no device's figures were known; g is unset then
+        lr.t_comp_s = known(last.t_comp_s) or 0.0
+        lr.bytes_down = known(last.bytes_down) or 0
+        lr.bytes_up = known(last.bytes_up) or 0
+        lr.participants.extend(last.participants)
+        for value, dst in ((last.g, "g"), (last.rougeL, "rouge_l"), (last.eval_loss, "eval_loss")):
+            if known(value) is not None:
+                setattr(lr, dst, value)
     return msg
 
 

@@ -7,7 +7,7 @@ import torch
 from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, StateReceiver, TransferSpec, WireError,
                           apply_delta, as_received, digest, encoding_id, subtract)
 from fedcore.wire.compress import Compressor, Decompressor, group_bytes, ungroup_bytes
-from fedserver.linkplan import LinkEstimate, choose_upload_encoding
+from fedserver.planning import LinkEstimate, choose_upload_encoding
 from fedserver.versions import DeltaHistory, DeltaStep
 from fedtune.v1 import fedtune_pb2 as pb
 

@@ -138,7 +138,7 @@ def test_claims_weight_of_a_lying_device_is_cut_to_its_task(make_round, caplog):
     honest_part = 16 / 32 * float((honest[EMB] - base).abs().max())
     assert float((new - base).abs().max()) <= 16 / 32 * shift + honest_part + 1e-6
     # The summary weights train_loss by the same bounded weights.
-    assert rnd.coord.summaries[-1]["train_loss"] == pytest.approx((9.0 * 16 + 1.0 * 16) / 32)
+    assert rnd.coord.records.summaries[-1]["train_loss"] == pytest.approx((9.0 * 16 + 1.0 * 16) / 32)
 
 
 @pytest.mark.parametrize("policy", [

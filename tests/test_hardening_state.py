@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedcore.records import RoundSummary
 from fedserver import storage
 from fedserver.app import build_coordinator
 from fedserver.storage import CheckpointDir, CheckpointError, RoundLog, load_checkpoint, save_checkpoint
@@ -52,9 +53,9 @@ def commit(coord, rnd: int, records: list[dict] | None = None) -> Path:
     meta.update(round=str(rnd), round_records=json.dumps(records), round_summary=json.dumps(summary))
     path = coord.checkpoints.save(rnd, tensors, meta)
     for r in records:
-        coord.round_log.append(r)
+        coord.records.log.append(r)
     coord.round_no = rnd
-    coord._record_round(summary)
+    coord.records.record_round(RoundSummary.from_json(summary))
     return path
 
 
@@ -159,7 +160,7 @@ def test_durable_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, 
     assert json.loads((cfg.out / "checkpoints" / "latest").read_text())["round"] == 1
     # Round 2 never committed now: its records and summary are gone, round 1's are as committed.
     assert RoundLog(cfg.out / "rounds.jsonl").read() == records_of(1)
-    assert [s["round"] for s in again.summaries] == [1]
+    assert [s["round"] for s in again.records.summaries] == [1]
     # A second restart is quiet and the run continues from round 1.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -215,7 +216,7 @@ def test_durable_unreadable_summary_is_set_aside_and_rebuilt(tmp_path, caplog, o
     summary.write_bytes(garbage)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         again = build_coordinator(cfg)
-    assert again.round_no == 2 and [s["round"] for s in again.summaries] == [2]
+    assert again.round_no == 2 and [s["round"] for s in again.records.summaries] == [2]
     assert str(summary) in caplog.text and "set aside" in caplog.text
     assert (cfg.out / "summary.json.damaged").read_bytes() == garbage
     assert [s["round"] for s in json.loads(summary.read_text())["rounds"]] == [2]
@@ -232,8 +233,8 @@ def test_durable_summary_agrees_with_the_checkpoint(tmp_path, caplog, one_torch_
     path.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         again = build_coordinator(cfg)
-    assert again.summaries == [data["rounds"][0], committed]
-    assert json.loads(path.read_text())["rounds"] == again.summaries
+    assert again.records.summaries == [data["rounds"][0], committed]
+    assert json.loads(path.read_text())["rounds"] == again.records.summaries
     assert "summary" in caplog.text
 
 
@@ -292,10 +293,10 @@ def test_durable_round_log_keeps_failed_attempts_and_drops_uncommitted_rounds(tm
     commit(coord, 1)
     failed = records_of(2, clients=("a",), attempt=1)
     for r in failed:
-        coord.round_log.append(r)
+        coord.records.log.append(r)
     commit(coord, 2, records_of(2, attempt=2))
     healthy = RoundLog(cfg.out / "rounds.jsonl").read()
-    coord.round_log.append(records_of(3)[0])
+    coord.records.log.append(records_of(3)[0])
     build_coordinator(cfg)
     assert RoundLog(cfg.out / "rounds.jsonl").read() == healthy
 
