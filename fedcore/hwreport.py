@@ -7,7 +7,7 @@ can (it needs only the records).
 from __future__ import annotations
 
 from statistics import mean
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from fedcore import study
 from fedcore.efficiency import NUMERIC_KEYS
@@ -24,11 +24,11 @@ def _f(v: float | None, fmt: str, scale: float = 1.0) -> str:
     return "-" if v is None else format(v * scale, fmt)
 
 
-def device_rows(records: list[dict[str, Any]], by: str = "client") -> list[dict[str, Any]]:
+def device_rows(records: Iterable[Mapping[str, Any] | DeviceRound], by: str = "client") -> list[dict[str, Any]]:
     """One row per device (``by="client"``) or per kind of hardware (``by="hardware"``): means over the
     aggregated rounds; unknown figures stay None."""
     groups: dict[str, list[DeviceRound]] = {}
-    for r in map(DeviceRound.from_json, records):
+    for r in (r if isinstance(r, DeviceRound) else DeviceRound.from_json(r) for r in records):
         if r.aggregated and r.measured:
             groups.setdefault(str(known(getattr(r, by))), []).append(r)
     rows = []
@@ -44,7 +44,7 @@ def device_rows(records: list[dict[str, Any]], by: str = "client") -> list[dict[
     return rows
 
 
-def efficiency_lines(records: list[dict[str, Any]], preset: str | None = None,
+def efficiency_lines(records: Iterable[Mapping[str, Any] | DeviceRound], preset: str | None = None,
                      batch_size: int | None = None, by: str = "client") -> list[str]:
     """The per-device (or per-hardware) table and the study's figures for ``preset`` at ``batch_size``."""
     rows = device_rows(records, by)

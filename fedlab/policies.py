@@ -12,6 +12,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from fedcore.records import known
+
 from .table1 import read_run
 
 POLICIES = ("steps", "samples", "time")
@@ -38,21 +40,21 @@ def load(run_dir: Path) -> PolicyRow:
     run_dir = Path(run_dir)
     summary, records = read_run(run_dir)
     rounds = [s for s in summary["rounds"] if s["round"] >= 1]
-    got = [r for r in records if r.get("status") == "aggregated" and r.get("idle_ratio") is not None]
+    got = [r for r in records if r.aggregated and known(r.idle_ratio) is not None]
     if not rounds or not got:
         raise ValueError(f"{run_dir}: no completed rounds with idle ratios")
     later = [s for s in rounds if s["round"] >= 2]
-    later_recs = [r for r in got if r["round"] >= 2]
-    last = max(r["round"] for r in got)
-    steps = ", ".join(f"{r['client']} {int(r.get('extra', {}).get('steps', 0))}"
-                      for r in sorted(got, key=lambda r: r["client"]) if r["round"] == last)
+    later_recs = [r for r in got if r.round >= 2]
+    last = max(r.round for r in got)
+    steps = ", ".join(f"{r.client} {int(r.extra_value('steps', 0))}"
+                      for r in sorted(got, key=lambda r: r.client) if r.round == last)
     return PolicyRow(
         run=run_dir.name, policy=str(summary.get("config", {}).get("round_policy", rounds[0].get("policy", "?"))),
         rounds=len(rounds), wall_s=mean(s["wall_s"] for s in rounds),
         wall_later_s=mean(s["wall_s"] for s in later) if later else None,
-        idle=mean(r["idle_ratio"] for r in got),
-        idle_later=mean(r["idle_ratio"] for r in later_recs) if later_recs else None,
-        samples=sum(r["num_samples"] for r in got) / len(rounds), steps=steps)
+        idle=mean(r.idle_ratio for r in got),
+        idle_later=mean(r.idle_ratio for r in later_recs) if later_recs else None,
+        samples=sum(r.num_samples for r in got) / len(rounds), steps=steps)
 
 
 def render(rows: list[PolicyRow]) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from fedcore.metrics import DEVICE_FIGURES, device_figure
+from fedcore.metrics import DEVICE_FIGURES
+from fedcore.records import DeviceRound, known
 
 from fedserver.storage import RoundLog
 
@@ -32,7 +33,7 @@ assert set(OPTIONAL_COLUMNS) <= set(DEVICE_FIGURES)
 class Run:
     path: Path
     summaries: list[dict[str, Any]]  # round 0 (initial evaluation) first
-    records: list[dict[str, Any]]    # the aggregated attempt of each round only
+    records: list[DeviceRound]       # the last attempt of each round only
     profiles: dict[str, str]         # device -> link profile
 
     @property
@@ -49,12 +50,12 @@ def load_run(path: Path) -> Run:
     if not summary_file.exists():
         raise ValueError(f"{path} has no summary.json: not a run directory (fedserver simulate/run --out, netem run)")
     summaries = json.loads(summary_file.read_text()).get("rounds", [])
-    records = RoundLog(path / "rounds.jsonl").read()
+    records = [DeviceRound.from_json(d) for d in RoundLog(path / "rounds.jsonl").read()]
     # A round that failed and was retried leaves records of its failed attempts; keep the last one.
     last_attempt: dict[int, int] = {}
     for r in records:
-        last_attempt[r["round"]] = max(last_attempt.get(r["round"], 0), r.get("attempt", 1))
-    records = [r for r in records if r.get("attempt", 1) == last_attempt[r["round"]]]
+        last_attempt[r.round] = max(last_attempt.get(r.round, 0), known(r.attempt) or 1)
+    records = [r for r in records if (known(r.attempt) or 1) == last_attempt[r.round]]
     return Run(path, summaries, records, _profiles(path))
 
 
@@ -73,9 +74,9 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _known_mean(recs: list[dict[str, Any]], key: str) -> float | None:
+def _known_mean(recs: list[DeviceRound], key: str) -> float | None:
     """The mean over the records that know `key` (a lost figure is null, not 0); None if none does."""
-    vals = [r[key] for r in recs if r.get(key) is not None]
+    vals = [v for v in (known(getattr(r, key)) for r in recs) if v is not None]
     return mean(vals) if vals else None
 
 
@@ -92,8 +93,8 @@ def _markdown(header: list[str], rows: list[list[str]], text_cols: int = 0) -> s
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def _present(records: list[dict[str, Any]]) -> list[str]:
-    return [k for k in OPTIONAL_COLUMNS if any(device_figure(r, k) is not None for r in records)]
+def _present(records: list[DeviceRound]) -> list[str]:
+    return [k for k in OPTIONAL_COLUMNS if any(r.figure(k) is not None for r in records)]
 
 
 def round_table(run: Run) -> str:
@@ -103,8 +104,8 @@ def round_table(run: Run) -> str:
                                         for k in extra)]
     by_round = defaultdict(list)
     for r in run.records:
-        if r.get("status") == "aggregated":
-            by_round[r["round"]].append(r)
+        if r.aggregated:
+            by_round[r.round].append(r)
     rows = []
     for s in run.summaries:
         n = s.get("round", 0)
@@ -114,7 +115,7 @@ def round_table(run: Run) -> str:
                _fmt(s["bytes_up"] / 1e6 if "bytes_up" in s else None, ".2f"), s.get("download", "-"),
                s.get("upload", "-"), _fmt(s.get("eval_loss"), ".4f"), _fmt(s.get("rougeL"), ".2f")]
         for k in extra:
-            vals = [v for v in (device_figure(r, k) for r in by_round.get(n, [])) if v is not None]
+            vals = [v for v in (r.figure(k) for r in by_round.get(n, [])) if v is not None]
             agg = (sum(vals) if k == "energy_j" else mean(vals)) if vals else None
             row.append(_fmt(agg, ".1f"))
         rows.append(row)
@@ -125,42 +126,42 @@ def device_table(run: Run) -> str:
     extra = _present(run.records)
     header = ["device", "link", "rounds", "T_comp s", "T_down s", "T_up s", "T_comm s", "G", "MB down", "MB up",
               *(OPTIONAL_COLUMNS[k] for k in extra)]
-    by_dev: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_dev: dict[str, list[DeviceRound]] = defaultdict(list)
     for r in run.records:
-        if r.get("status") == "aggregated" and "t_comp_s" in r:
-            by_dev[r["client"]].append(r)
+        if r.aggregated and r.measured:
+            by_dev[r.client].append(r)
     rows = []
     for dev, recs in sorted(by_dev.items()):
-        row = [dev, run.profile(dev), str(len(recs)), f"{mean(r['t_comp_s'] for r in recs):.2f}",
-               f"{mean(r['t_down_s'] for r in recs):.2f}", _fmt(_known_mean(recs, "t_up_s"), ".2f"),
+        row = [dev, run.profile(dev), str(len(recs)), f"{mean(r.t_comp_s for r in recs):.2f}",
+               f"{mean(r.t_down_s for r in recs):.2f}", _fmt(_known_mean(recs, "t_up_s"), ".2f"),
                _fmt(_known_mean(recs, "t_comm_s"), ".2f"), _fmt(_known_mean(recs, "g"), ".3f"),
-               f"{sum(r.get('bytes_down', 0) for r in recs) / 1e6:.2f}",
-               f"{sum(r.get('bytes_up', 0) for r in recs) / 1e6:.2f}"]
+               f"{sum(r.bytes_down or 0 for r in recs) / 1e6:.2f}",
+               f"{sum(r.bytes_up or 0 for r in recs) / 1e6:.2f}"]
         for k in extra:
-            vals = [v for v in (device_figure(r, k) for r in recs) if v is not None]
+            vals = [v for v in (r.figure(k) for r in recs) if v is not None]
             row.append(_fmt(mean(vals) if vals else None, ".4g"))
         rows.append(row)
     return _markdown(header, rows, text_cols=2)
 
 
 # ------------------------------------------------------------------- plots
-def _phase_seconds(r: dict[str, Any], key: str | None) -> float:
+def _phase_seconds(r: DeviceRound, key: str | None) -> float:
     if key is None:
         return 0.0
-    return sum(float(r.get(k, 0.0) or 0.0) for k in key.split("+"))
+    return sum(float(known(getattr(r, k)) or 0.0) for k in key.split("+"))
 
 
 def plot_timeline(run: Run, plt: Any, out: Path) -> Path:
     """Per device, each round's download, compute, upload and idle time as stacked horizontal bars."""
-    devices = sorted({r["client"] for r in run.records})
+    devices = sorted({r.client for r in run.records})
     fig, ax = plt.subplots(figsize=(12, 1.2 + 0.45 * max(1, len(devices))))
     start = 0.0
     for s in run.rounds:
         wall = float(s.get("wall_s", 0.0))
         ax.axvline(start, color="black", lw=0.6, ls=":")
         ax.text(start, len(devices) - 0.4, f" r{s['round']}", fontsize=8, va="bottom")
-        for r in (r for r in run.records if r["round"] == s["round"]):
-            y = devices.index(r["client"])
+        for r in (r for r in run.records if r.round == s["round"]):
+            y = devices.index(r.client)
             at = start
             busy = 0.0
             for label, key, color in PHASES:
@@ -170,7 +171,7 @@ def plot_timeline(run: Run, plt: Any, out: Path) -> Path:
                     ax.barh(y, width, left=at, height=0.6, color=color,
                             edgecolor="white" if label != "idle" else "#BBBBBB", linewidth=0.4)
                 at += width
-            if r.get("status") != "aggregated":
+            if not r.aggregated:
                 ax.text(start, y, " missing", fontsize=7, va="center", color="#C44E52")
         start += wall
     ax.set_yticks(range(len(devices)), [f"{d} ({run.profile(d)})" for d in devices])
@@ -192,8 +193,8 @@ def plot_g(run: Run, plt: Any, out: Path) -> Path:
             label="round: slowest T_comp / slowest T_comm")
     per_profile: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in run.records:
-        if r.get("status") == "aggregated" and r.get("g") is not None:
-            per_profile[run.profile(r["client"])][r["round"]].append(r["g"])
+        if r.aggregated and known(r.g) is not None:
+            per_profile[run.profile(r.client)][r.round].append(r.g)
     for prof, by_round in sorted(per_profile.items()):
         xs = sorted(by_round)
         ax.plot(xs, [mean(by_round[x]) for x in xs], "o--", ms=5, lw=0.8, label=f"{prof}: mean device G")
@@ -307,10 +308,10 @@ def write_report(run_dir: Path, out: Path | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     pngs = [plot_timeline(run, plt, out), plot_g(run, plt, out), plot_rouge(run, plt, out),
             plot_bytes(run, plt, out)]
-    links = sorted({run.profile(d) for d in {r["client"] for r in run.records}})
+    links = sorted({run.profile(d) for d in {r.client for r in run.records}})
     text = "\n".join([
         f"# Run {run.path}", "",
-        f"{len(run.rounds)} rounds, {len({r['client'] for r in run.records})} devices took part; "
+        f"{len(run.rounds)} rounds, {len({r.client for r in run.records})} devices took part; "
         f"links: {', '.join(links) or '-'}", "",
         "## Per round", "",
         "T_comp and T_comm are the slowest device's; G = T_comp / T_comm; MB summed over the round's devices; "

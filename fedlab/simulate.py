@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from fedcore.config import ConfigError, check_fields, described, to_dict
 from fedcore.hwreport import efficiency_lines
 
+from fedserver.roundlog import read_summaries
 from fedserver.config import INT32, PAYLOADS, ROUND_POLICIES, STRATEGIES, WIRE_CODECS, WIRE_ENCODINGS, ServerConfig
 
 
@@ -383,7 +384,7 @@ def _wire(cfg: SimulateConfig) -> str:
 
 def _read_summaries(path: Path) -> list[dict[str, Any]]:
     try:
-        return json.loads(path.read_text()).get("rounds", [])
+        return read_summaries(path)
     except (OSError, ValueError):
         return []  # not written yet (it is replaced atomically, never torn)
 

@@ -15,6 +15,7 @@ from statistics import mean
 from typing import Any
 
 from fedcore.hwreport import efficiency_lines
+from fedcore.records import DeviceRound
 
 # Woisetschläger et al. 2023, Table 1 (LTE 40/15 Mbit/s; computation per 100K tokens).
 # The Large row's up/down are swapped in the source; listed here corrected.
@@ -61,12 +62,13 @@ class Row:
         return s["comp_orin"] / self.t_comm_s if s and self.t_comm_s else float("nan")
 
 
-def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_run(run_dir: Path) -> tuple[dict[str, Any], list[DeviceRound]]:
     """summary.json and the rounds.jsonl records of a run directory."""
     run_dir = Path(run_dir)
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
-        records = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
+        records = [DeviceRound.from_json(json.loads(line))
+                   for line in (run_dir / "rounds.jsonl").read_text().splitlines() if line.strip()]
     except FileNotFoundError as exc:
         raise ValueError(f"{run_dir} is not a run directory: {exc.filename} is missing") from None
     return summary, records
@@ -76,10 +78,10 @@ def load_run(run_dir: Path) -> Row:
     run_dir = Path(run_dir)
     summary, records = read_run(run_dir)
     cfg = summary.get("config", {})
-    got = [r for r in records if r.get("status") == "aggregated" and "t_comp_s" in r]
+    got = [r for r in records if r.aggregated and r.measured]
     if not got:
         raise ValueError(f"{run_dir}: no aggregated device rounds with metrics in rounds.jsonl")
-    downloads = [r for r in got if not r.get("download_cached")]
+    downloads = [r for r in got if not r.download_cached]
     link = "loopback"
     if (run_dir / "links.json").exists():
         links = json.loads((run_dir / "links.json").read_text())
@@ -90,12 +92,12 @@ def load_run(run_dir: Path) -> Row:
         preset=str(cfg.get("preset", "?")),
         wire=f"{cfg.get('upload_encoding', '?')}/{cfg.get('upload_codec', '?')}",
         link=link,
-        wire_mb=mean(r["bytes_up"] for r in got) / 1e6,
-        t_up_s=mean(r["t_up_s"] + r["t_wait_s"] for r in got),
-        t_down_s=mean(r["t_down_s"] for r in downloads) if downloads else 0.0,
-        t_comm_s=mean(r["t_comm_s"] for r in got),
-        t_comp_s=mean(r["t_comp_s"] for r in got),
-        tokens=mean(r["tokens"] for r in got),
+        wire_mb=mean(r.bytes_up for r in got) / 1e6,
+        t_up_s=mean(r.t_up_s + r.t_wait_s for r in got),
+        t_down_s=mean(r.t_down_s for r in downloads) if downloads else 0.0,
+        t_comm_s=mean(r.t_comm_s for r in got),
+        t_comp_s=mean(r.t_comp_s for r in got),
+        tokens=mean(r.tokens for r in got),
         devices=len(got),
     )
 
