@@ -35,7 +35,7 @@ def crash_config(out: Path) -> SimulateConfig:
     # Every device sampled every round: the disturbed run has the same participants by construction.
     # Uploads capped at 8 Mbit/s (~3.5 s for the tiny model): over loopback the whole update would sit in
     # socket buffers within milliseconds, and a kill could not land mid-upload.
-    return SimulateConfig(out=out, preset="tiny", rounds=2, devices=3, devices_per_round=3, local_steps=2,
+    return SimulateConfig.of(out=out, preset="tiny", rounds=2, devices=3, devices_per_round=3, local_steps=2,
                           batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=60, eval_size=0,
                           round_deadline_s=300, chunk_elems=16384, stall_timeout_s=20, max_upload_mbit=8)
 
@@ -147,7 +147,7 @@ def print_run(title: str, r: RunResult, echo: Echo) -> None:
 def cmd_crash(args: argparse.Namespace, echo: Echo = print) -> int:
     base = Path(args.out)
     cfg = crash_config(base / "undisturbed")
-    echo(f"tiny preset, {cfg.rounds} rounds, {cfg.devices} devices all sampled every round, fp32, fedavg")
+    echo(f"tiny preset, {cfg.server.rounds} rounds, {cfg.devices} devices all sampled every round, fp32, fedavg")
     a = undisturbed(cfg)
     print_run("undisturbed", a, echo)
     echo("disturbed run:")
@@ -160,7 +160,7 @@ def cmd_crash(args: argparse.Namespace, echo: Echo = print) -> int:
 # ------------------------------------------------------------------ link down
 def linkdown_config(out: Path) -> SimulateConfig:
     # 4 and 2 Mbit/s: the 3.5 MB tiny model takes ~7 s down and ~14 s up, long enough to cut the link mid-way.
-    return SimulateConfig(out=out, preset="tiny", rounds=1, devices=1, devices_per_round=1, local_steps=1,
+    return SimulateConfig.of(out=out, preset="tiny", rounds=1, devices=1, devices_per_round=1, local_steps=1,
                           batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=20, eval_size=2,
                           round_deadline_s=300, stall_timeout_s=4, link="custom:down=4,up=2")
 
@@ -209,7 +209,7 @@ def linkdown(cfg: SimulateConfig, echo: Echo = print, outage_s: float = 10.0, ti
     recs = RoundLog(out / "rounds.jsonl").read()
     rec = next(r for r in recs if r["client"] == "dev-00")
     dev_log = _log(fleet, "dev-00")
-    return {"code": code, "record": rec, "chunk_bytes": cfg.chunk_elems * 4,
+    return {"code": code, "record": rec, "chunk_bytes": cfg.server.chunk_elems * 4,
             "breaks": [line.split("fedclient.transfer: ")[-1] for line in dev_log.splitlines()
                        if "broke" in line],
             "transfers": [line.split("fedclient: ")[-1] for line in dev_log.splitlines()
@@ -218,8 +218,8 @@ def linkdown(cfg: SimulateConfig, echo: Echo = print, outage_s: float = 10.0, ti
 
 def cmd_linkdown(args: argparse.Namespace, echo: Echo = print) -> int:
     cfg = linkdown_config(Path(args.out) / "linkdown")
-    echo(f"tiny preset, 1 device behind {cfg.link} (Mbit/s), chunks of {cfg.chunk_elems} elements "
-         f"({cfg.chunk_elems * 4 / 2**20:.2f} MiB at fp32), stall timeout {cfg.stall_timeout_s:g} s")
+    echo(f"tiny preset, 1 device behind {cfg.link} (Mbit/s), chunks of {cfg.server.chunk_elems} elements "
+         f"({cfg.server.chunk_elems * 4 / 2**20:.2f} MiB at fp32), stall timeout {cfg.client.stall_timeout_s:g} s")
     r = linkdown(cfg, echo)
     rec = r["record"]
     for line in r["breaks"] + r["transfers"]:

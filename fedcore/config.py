@@ -2,6 +2,15 @@
 
 Every dataclass field ``foo_bar`` is settable as ``foo_bar = ...`` in the TOML
 file and as ``--foo-bar`` on the command line; flags win over the file.
+
+A config may compose others: a field whose type is a config dataclass (say
+``server: ServerConfig``) is the TOML table ``[server]``, and its fields get
+flags of their own names (``--rounds``) unless the outer config or an
+earlier part already has that name. Its default is the field's
+``default_factory`` (where the composing config states its own defaults).
+A key given outside the tables goes to the first part that has it (and
+wins over the table's), so overrides and a flat file of a config that was
+not composed yet still load.
 """
 from __future__ import annotations
 
@@ -180,6 +189,72 @@ def _origin(key: str, source: str, origins: Mapping[str, str] | None) -> str:
     return (origins or {}).get(key, f"{source}: {key}")
 
 
+def parts(cls: type) -> dict[str, type]:
+    """The composed configs of cls: field name -> its dataclass type."""
+    types = _field_types(cls)
+    return {f.name: _base_type(types[f.name]) for f in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(_base_type(types[f.name]))}
+
+
+def flag_owners(cls: type) -> dict[str, str | None]:
+    """Each flag name's owner: None for cls's own field, else the part it sets (the first part that has it)."""
+    own = parts(cls)
+    owners: dict[str, str | None] = {f.name: None for f in dataclasses.fields(cls) if f.name not in own}
+    for part, sub in own.items():
+        for f in dataclasses.fields(sub):
+            owners.setdefault(f.name, part)
+    return owners
+
+
+def _default_of(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return f.default
+
+
+def _build_part(outer: type, name: str, sub: type, given: Mapping[str, Any], source: str,
+                origins: Mapping[str, str]) -> Any:
+    """A composed config: its default (the outer's factory) with `given` on top, each value checked."""
+    types = _field_types(sub)
+    unknown = sorted(set(given) - set(types))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) in [{name}]: {', '.join(unknown)}")
+    try:
+        obj = dataclasses.replace(_default_of(outer, name), **{k: _coerce(k, types[k], v) for k, v in given.items()})
+        check_fields(obj)
+    except ConfigError as exc:
+        if exc.key is None:
+            raise ConfigError(f"{source}: [{name}] {exc}") from exc
+        msg, where = str(exc), origins.get(exc.key, f"{source}: [{name}] {exc.key}")
+        raise ConfigError(where + msg[len(exc.key):] if msg.startswith(exc.key) else f"{where}: {msg}",
+                          exc.key) from exc
+    return obj
+
+
+def _split_parts(cls: type, data: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(cls's own keys, each part's keys): tables as given, flat keys to the part that owns them."""
+    own_parts = parts(cls)
+    given: dict[str, dict[str, Any]] = {p: {} for p in own_parts}
+    owners = flag_owners(cls)
+    outer: dict[str, Any] = {}
+    flat: list[tuple[str, Any]] = []
+    for k, v in data.items():
+        if k in own_parts:
+            if dataclasses.is_dataclass(v):
+                v = to_dict(v)
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{source}: {k} must be a table ([{k}]), got {v!r}")
+            given[k].update(v)
+        elif owners.get(k) is not None:
+            flat.append((k, v))
+        else:
+            outer[k] = v
+    for k, v in flat:  # a flat key (an override, or an old flat file) wins over its table's
+        given[owners[k]][k] = v  # type: ignore[index]
+    return outer, given
+
+
 def from_mapping(cls: type[T], data: dict[str, Any], source: str = "config",
                  origins: Mapping[str, str] | None = None) -> T:
     """Build cls from a mapping, rejecting unknown keys by name and checking every value.
@@ -188,12 +263,18 @@ def from_mapping(cls: type[T], data: dict[str, Any], source: str = "config",
     says it was given (a flag, a key in a file), else as "<source>: <key>".
     """
     types = _field_types(cls)
+    expand = getattr(cls, "expand", None)
+    if callable(expand):  # shorthands of a composing config, resolved before defaults apply
+        data = expand(dict(data))
+    data, given = _split_parts(cls, data, source)
     unknown = sorted(set(data) - set(types))
     if unknown:
-        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(types))}")
+        known = sorted(flag_owners(cls))
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    built = {p: _build_part(cls, p, sub, given[p], source, origins or {}) for p, sub in parts(cls).items()}
     try:
         values = {k: _coerce(k, types[k], v) for k, v in data.items()}
-        obj = cls(**values)
+        obj = cls(**values, **built)
         validate = getattr(obj, "validate", None)
         if callable(validate):
             validate()
@@ -227,19 +308,35 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
     A boolean is ``--name`` / ``--no-name`` (still ``name = true``/``false``
     in TOML); every other field takes a value.
     """
+    own_parts = parts(cls)
+    taken = {f.name for f in dataclasses.fields(cls) if f.name not in own_parts}
+    for part, sub in own_parts.items():  # a part's flags: its own names, where cls has not taken them
+        # `skip` names a part's field as "part.name" (its flag then sets nothing: the composing config decides).
+        hidden = tuple(k.split(".", 1)[1] for k in skip if k.startswith(part + "."))
+        _add_flags(parser, sub, skip=tuple(skip) + tuple(taken) + hidden, prefix=part + ".",
+                   defaults=_default_of(cls, part))
+        taken |= {f.name for f in dataclasses.fields(sub) if f.name not in hidden}
+    _add_flags(parser, cls, skip=tuple(skip) + tuple(own_parts))
+
+
+def _add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...], prefix: str = "",
+               defaults: Any = None) -> None:
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
+        if defaults is not None:  # a part: the composing config's default for it
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        flag, dest = "--" + f.name.replace("_", "-"), prefix + f.name
         if _base_type(types[f.name]) is bool:
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+            parser.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction,
                                 help=f"{help_text} (default: {'on' if default else 'off'})".strip())
             continue
-        parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+        parser.add_argument(flag, dest=dest, default=None, metavar=f.name.upper(),
                             help=f"{help_text} (default: {default})".strip())
 
 
@@ -251,12 +348,19 @@ def resolve(cls: type[T], args: argparse.Namespace, config_path: Path | None = N
     if config_path is not None:
         from_file = load_toml(config_path)
         data.update(from_file)
-        origins.update({k: f"{config_path}: {k}" for k in from_file})
-    names = {f.name for f in dataclasses.fields(cls)}
-    for name in names:
-        value = getattr(args, name, None)
+        for k, v in from_file.items():
+            if k in parts(cls) and isinstance(v, Mapping):
+                origins.update({kk: f"{config_path}: [{k}] {kk}" for kk in v})
+            else:
+                origins[k] = f"{config_path}: {k}"
+    for name, owner in flag_owners(cls).items():
+        value = getattr(args, name if owner is None else f"{owner}.{name}", None)
         if value is not None:
-            data[name] = value
+            if owner is None:
+                data[name] = value
+            else:
+                data.setdefault(owner, {})
+                data[owner] = {**data[owner], name: value}
             origins[name] = "--" + name.replace("_", "-")
     source = " and ".join(filter(None, [str(config_path) if config_path else "",
                                         "flags" if any(o.startswith("--") for o in origins.values()) else ""]))
@@ -264,5 +368,9 @@ def resolve(cls: type[T], args: argparse.Namespace, config_path: Path | None = N
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
-    out = dataclasses.asdict(obj)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+    """A config as plain TOML-able values (Paths as strings, composed configs as tables)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return str(v) if isinstance(v, Path) else v
+    return plain(dataclasses.asdict(obj))

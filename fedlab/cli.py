@@ -38,7 +38,7 @@ def fedserver_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="run a server and N device daemons on this machine and print the "
                                           "per-round table")
     sim.add_argument("--config", type=Path, default=None, help="TOML file with simulate settings")
-    cfgmod.add_arguments(sim, SimulateConfig)
+    cfgmod.add_arguments(sim, SimulateConfig, skip=SimulateConfig.HIDDEN_FLAGS)
     rpt = sub.add_parser("report", help="tables and PNG plots of a finished or running run directory")
     rpt.add_argument("run_dir", type=Path, help="directory with summary.json and rounds.jsonl (fedserver simulate, "
                                                 "netem run or fedserver run --out)")

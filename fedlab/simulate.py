@@ -19,95 +19,98 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
-from fedcore.config import ConfigError, check_fields, described, to_dict
+from fedclient.config import ClientConfig
+from fedcore.config import ConfigError, check_fields, described, from_mapping, to_dict
 from fedcore.hwreport import efficiency_lines
-
+from fedserver.config import WIRE_CODECS, WIRE_ENCODINGS, ServerConfig
 from fedserver.roundlog import read_summaries
-from fedserver.config import INT32, PAYLOADS, ROUND_POLICIES, STRATEGIES, WIRE_CODECS, WIRE_ENCODINGS, ServerConfig
+
+
+# Where a lab run's defaults differ from a deployed server's: a tiny model and a short run that finish on a
+# laptop in minutes. One place, read by SimulateConfig's default; every other default is the server's.
+LAB_SERVER_DEFAULTS: dict[str, Any] = dict(
+    preset="tiny", rounds=8, learning_rate=1e-3, eval_size=48, round_deadline_s=600.0,
+    # The launcher's polling and threading: devices poll every 2 s, the server uses torch's threads.
+    poll_seconds=2, threads=0)
+
+
+def lab_server() -> ServerConfig:
+    return ServerConfig(**LAB_SERVER_DEFAULTS)
+
+
+# Server settings the launcher decides (no flags; a [server] value for them is overridden).
+LAUNCHER_SERVER_KEYS = ("listen", "out", "eval_data", "metrics_listen", "tls_cert", "tls_key", "tls_ca")
+# Device settings the launcher decides for each daemon (no flags; a [client] value for them is overridden).
+LAUNCHER_CLIENT_KEYS = ("server", "device_id", "data_seed", "partitions", "partition", "threads", "state_dir",
+                        "weights_dir", "metrics_listen", "insecure", "tls_ca", "tls_cert", "tls_key")
+# Reconnect quickly: on one machine the server is either up or about to be.
+LAB_CLIENT_DEFAULTS: dict[str, Any] = dict(retry_initial_s=0.5, retry_max_s=5.0)
 
 
 @dataclass
 class SimulateConfig:
+    """A whole run on this machine: the lab's own settings, the server's ([server]) and every device's ([client]).
+
+    The server's and the devices' settings are theirs (fedserver.config,
+    fedclient.config), flags of the same names; the launcher fills in what
+    only it knows (addresses, run and state directories, certificates, each
+    device's part of the data).
+    """
+
     out: Path = field(default=Path("runs/simulate"), metadata=described("run directory (rounds.jsonl, summary.json, logs/)"))
-    preset: str = field(default="tiny", metadata=described("model preset: tiny, small, base, large, xl"))
-    rounds: int = field(default=8, metadata=described("federated rounds", ge=1, le=INT32))
     devices: int = field(default=10, metadata=described("device daemons to start", ge=1, le=1000))
-    devices_per_round: int = field(default=3, metadata=described("devices sampled each round", ge=1, le=1000))
-    encoding: str = field(default="fp32", metadata=described("wire encoding, both directions: fp32, fp16, bf16, int8, "
-                                                             "nf4, int4", choices=WIRE_ENCODINGS))
-    codec: str = field(default="none", metadata=described("wire codec, both directions: none, zstd or zstd-bg",
-                                                          choices=WIRE_CODECS))
-    download_encoding: str | None = field(default=None, metadata=described("full-model downloads (default: --encoding)",
-                                                                           choices=WIRE_ENCODINGS))
-    upload_payload: str = field(default="weights", metadata=described("'weights' or 'delta' (local minus global)",
-                                                                      choices=PAYLOADS))
-    error_feedback: bool = field(default=False, metadata=described("delta uploads carry the quantization residual on"))
-    download_payload: str = field(default="weights", metadata=described("'delta': quantized broadcast deltas to "
-                                                                        "devices holding a recent version",
-                                                                        choices=PAYLOADS))
-    download_delta_encoding: str = field(default="int8", metadata=described("encoding of broadcast deltas",
-                                                                            choices=WIRE_ENCODINGS))
-    link_aware: bool = field(default=False, metadata=described("choose each device's upload encoding from its "
-                                                               "measured link (see fedserver run --help)"))
-    link_target_g: float = field(default=1.0, metadata=described("link_aware: wanted G per device", ge=0))
-    link_byte_budget: int = field(default=0, metadata=described("link_aware: most upload bytes per device and round",
-                                                                ge=0))
-    lora_rank: int = field(default=0, metadata=described("LoRA rank: devices train and upload only the adapters' B "
-                                                         "matrices (0: full fine-tuning)", ge=0, le=4096))
-    lora_alpha: float = field(default=0.0, metadata=described("LoRA alpha (0: 2 x lora_rank)", ge=0))
-    lora_targets: str = field(default="q,v", metadata=described("T5 linear layers that get adapters, e.g. q,v"))
-    lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training",
-                                                                ge=0, lt=1))
-    strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi",
-                                                               choices=STRATEGIES))
-    server_lr: float | None = field(default=None, metadata=described("server learning rate (default: the strategy's)",
-                                                                     gt=0))
-    local_epochs: int = field(default=1, metadata=described("local epochs per round", ge=1, le=INT32))
-    local_steps: int = field(default=0, metadata=described("local steps per round (0: use local_epochs)",
-                                                           ge=0, le=INT32))
-    batch_size: int = field(default=32, metadata=described("local minibatch size", ge=1, le=INT32))
-    learning_rate: float = field(default=1e-3, metadata=described("local AdamW learning rate", gt=0))
-    max_input_tokens: int = field(default=512, metadata=described("dialogue tokens kept", ge=1, le=INT32))
-    max_target_tokens: int = field(default=95, metadata=described("summary tokens kept and generated", ge=1, le=INT32))
-    data: str = field(default="builtin",
-    metadata=described("'builtin' or a Samsum JSON/JSONL file split over the devices"))
-    data_size: int = field(default=2000, metadata=described("training examples over all devices", ge=1))
-    alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split over devices", gt=0))
-    eval_size: int = field(default=48, metadata=described("held-out examples evaluated each round", ge=0))
-    weights_dir: Path | None = field(default=None, metadata=described("local Hugging Face dir with FLAN-T5 weights"))
-    seed: int = field(default=0, metadata=described("seed of data, split, sampling and init", ge=0, le=(1 << 32) - 1))
-    round_deadline_s: float = field(default=600.0, metadata=described("seconds a round waits for its updates", gt=0))
+    encoding: str | None = field(default=None, metadata=described(
+        "wire encoding, both directions, unless --upload-encoding / --download-encoding say otherwise",
+        choices=WIRE_ENCODINGS))
+    codec: str | None = field(default=None, metadata=described(
+        "wire codec, both directions, unless --upload-codec / --download-codec say otherwise", choices=WIRE_CODECS))
     threads_per_device: int = field(default=1, metadata=described("torch threads per daemon", ge=0, le=4096))
-    save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))
-    round_policy: str = field(default="steps", metadata=described("steps, samples or time (see fedserver run --help)",
-                                                                  choices=ROUND_POLICIES))
-    local_samples: int = field(default=0, metadata=described("policy samples: samples per device (0: steps x batch)",
-                                                             ge=0, le=INT32))
-    time_budget_s: float = field(default=0.0, metadata=described("policy time: seconds per round (0: derived)", ge=0))
     compute_slowdown: list[float] = field(default_factory=list, metadata=described(
         "per device (comma-separated, one value for all): EMULATED compute slowdown factor", ge=1))
     max_batch_size: list[int] = field(default_factory=list, metadata=described(
         "per device (comma-separated, one value for all): largest minibatch the device fits (0: server's)", ge=0))
-    max_upload_mbit: float = field(default=0.0, metadata=described("cap every device's upload rate (Mbit/s, 0: none)",
-                                                                   ge=0))
-    chunk_elems: int = field(default=1 << 18, metadata=described("elements per wire chunk (both directions)",
-                                                                 ge=1, le=INT32))
-    stall_timeout_s: float = field(default=60.0, metadata=described("devices cancel and resume a transfer stalled "
-                                                                    "this long", gt=0))
     metrics_port: int = field(default=0, metadata=described("serve Prometheus /metrics: the server on 127.0.0.1:PORT, "
                                                             "device i on PORT+1+i (0: off)", ge=0, le=65535))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
-    insecure: bool = field(default=False, metadata=described("plaintext gRPC instead of mutual TLS with a fleet of "
-                                                         "certificates made in OUT/certs"))
+    server: ServerConfig = field(default_factory=lab_server)
+    client: ClientConfig = field(default_factory=lambda: ClientConfig(**LAB_CLIENT_DEFAULTS))
+
+    @classmethod
+    def expand(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Shorthands into the server's keys, before defaults: --encoding and --codec set both directions
+        where a direction is not given; a round needs all its sampled devices unless min_updates says less."""
+        server = dict(data.get("server") or {})
+        own = {f.name for f in dataclasses.fields(cls)}
+        flat = {k: data.pop(k) for k in list(data)
+                if k not in own and k in {f.name for f in dataclasses.fields(ServerConfig)}}
+        server = {**server, **flat}  # a flat key is an override
+        for short, keys in (("encoding", ("upload_encoding", "download_encoding")),
+                            ("codec", ("upload_codec", "download_codec"))):
+            if data.get(short) is not None:
+                for k in keys:
+                    server.setdefault(k, data[short])
+        server.setdefault("min_updates", server.get("devices_per_round", ServerConfig.devices_per_round))
+        data["server"] = server
+        return data
+
+    #: flags not offered: what the launcher decides for each process
+    HIDDEN_FLAGS: ClassVar[tuple[str, ...]] = (tuple(f"server.{k}" for k in LAUNCHER_SERVER_KEYS)
+                                               + tuple(f"client.{k}" for k in LAUNCHER_CLIENT_KEYS))
+
+    @classmethod
+    def of(cls, **settings: Any) -> SimulateConfig:
+        """A checked config from keyword settings, flat (rounds=2) or by part (server={...})."""
+        return from_mapping(cls, settings, source="SimulateConfig")
 
     def validate(self) -> None:
         check_fields(self)
-        if self.devices_per_round > self.devices:
+        check_fields(self.client)
+        if self.server.devices_per_round > self.devices:
             raise ConfigError(f"devices_per_round must be at most devices ({self.devices}), got "
-                              f"{self.devices_per_round}", "devices_per_round")
+                              f"{self.server.devices_per_round}", "devices_per_round")
         if self.metrics_port and not self.metrics_port + self.devices < 65536:
             raise ConfigError(f"metrics_port {self.metrics_port}: the devices' ports would pass 65535", "metrics_port")
         # Certificates are made when the run starts; check everything else now.
@@ -120,45 +123,50 @@ class SimulateConfig:
         return [f"dev-{i:02d}" for i in range(self.devices)]
 
     def server_config(self, out: Path, port: int, host: str = "127.0.0.1") -> ServerConfig:
-        return ServerConfig(
-            listen=f"{host}:{port}", out=out, preset=self.preset, weights_dir=self.weights_dir, rounds=self.rounds,
-            devices_per_round=self.devices_per_round, min_updates=self.devices_per_round,
-            round_deadline_s=self.round_deadline_s, seed=self.seed, local_epochs=self.local_epochs,
-            local_steps=self.local_steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            max_input_tokens=self.max_input_tokens, max_target_tokens=self.max_target_tokens,
-            strategy=self.strategy, server_lr=self.server_lr, download_encoding=self.download_encoding or self.encoding,
-            download_codec=self.codec, upload_encoding=self.encoding, upload_codec=self.codec,
-            upload_payload=self.upload_payload, error_feedback=self.error_feedback,
-            download_payload=self.download_payload, download_delta_encoding=self.download_delta_encoding,
-            link_aware=self.link_aware, link_target_g=self.link_target_g, link_byte_budget=self.link_byte_budget,
-            lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, lora_targets=self.lora_targets,
-            lora_dropout=self.lora_dropout, eval_data=self.data, eval_size=self.eval_size, poll_seconds=2, threads=0, save_updates=self.save_updates,
-            chunk_elems=self.chunk_elems, round_policy=self.round_policy, local_samples=self.local_samples,
-            time_budget_s=self.time_budget_s,
-            metrics_listen=f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "", insecure=self.insecure)
+        """The server's config for this run: its part, at the launcher's address and under the run dir."""
+        return dataclasses.replace(
+            self.server, listen=f"{host}:{port}", out=out, eval_data=self.client.data,
+            metrics_listen=f"127.0.0.1:{self.metrics_port}" if self.metrics_port else self.server.metrics_listen)
 
     def per_device(self, name: str, i: int) -> float | int | None:
         values = getattr(self, name)
         return None if not values else values[0] if len(values) == 1 else values[i]
 
     def client_args(self, i: int, server: str) -> list[str]:
+        """Device i's command line: the [client] settings that differ from a daemon's defaults, then what the
+        launcher decides (its id, address, part of the data, state dir, and the server's model settings)."""
         dev = self.device_ids()[i]
-        args = ["--server", server, "--device-id", dev, "--data", self.data,
-                "--state-dir", str(Path(self.out) / "devices" / dev),
-                "--data-size", str(self.data_size), "--data-seed", str(self.seed), "--partitions", str(self.devices),
-                "--partition", str(i), "--alpha", str(self.alpha), "--threads", str(self.threads_per_device),
-                "--retry-initial-s", "0.5", "--retry-max-s", "5", "--stall-timeout-s", str(self.stall_timeout_s),
-                "--state-dir", str(Path(self.out) / "devices" / f"dev-{i:02d}"),
-                "--max-upload-mbit", str(self.max_upload_mbit)]
+        args = cli_args(self.client, skip=LAUNCHER_CLIENT_KEYS)
+        args += ["--server", server, "--device-id", dev, "--data-seed", str(self.server.seed),
+                 "--partitions", str(self.devices), "--partition", str(i), "--threads", str(self.threads_per_device),
+                 "--state-dir", str(Path(self.out) / "devices" / dev)]
         for name in ("compute_slowdown", "max_batch_size"):
             v = self.per_device(name, i)
             if v is not None:
                 args += ["--" + name.replace("_", "-"), str(v)]
-        if self.weights_dir:
-            args += ["--weights-dir", str(self.weights_dir)]
+        if self.server.weights_dir:
+            args += ["--weights-dir", str(self.server.weights_dir)]
         if self.metrics_port:
             args += ["--metrics-listen", f"127.0.0.1:{self.metrics_port + 1 + i}"]
         return args
+
+
+
+
+def cli_args(cfg: Any, skip: Sequence[str] = ()) -> list[str]:
+    """Flags that set every field of `cfg` that differs from its class's default (fedcore.config's names)."""
+    args: list[str] = []
+    default = type(cfg)()
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in skip or v == getattr(default, f.name) or v is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            args.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        else:
+            args += [flag, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
+    return args
 
 
 def write_toml(path: Path, data: dict[str, Any]) -> None:
@@ -241,8 +249,8 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     for i in range(cfg.devices):
         fleet.start_device(i)
     security = f"mutual TLS (certificates in {fleet.certs.out})" if fleet.certs else "PLAINTEXT (--insecure)"
-    echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, preset {cfg.preset}, "
-         f"{cfg.rounds} rounds x {cfg.devices_per_round} devices, {_wire(cfg)}, {cfg.strategy}, "
+    echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, preset {cfg.server.preset}, "
+         f"{cfg.server.rounds} rounds x {cfg.server.devices_per_round} devices, {_wire(cfg)}, {cfg.server.strategy}, "
          f"{security}; logs in {logs}")
     server = procs[0][1]
     printed = 0
@@ -262,14 +270,14 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
                 code = rc
                 break
             dead = [name for name, p, _ in procs[1:] if p.poll() not in (None, 0)]
-            if len(dead) > cfg.devices - cfg.devices_per_round:
+            if len(dead) > cfg.devices - cfg.server.devices_per_round:
                 echo(f"simulate: {len(dead)} device daemons died ({', '.join(dead[:3])}...); see {logs}")
                 echo(_tail(logs / f"{dead[0]}.log"))
                 code = 1
                 break
             if time.monotonic() - last_note > 30:
                 last_note = time.monotonic()
-                echo(f"simulate: {time.monotonic() - t0:.0f} s, round {max(printed - 1, 0)} of {cfg.rounds} done")
+                echo(f"simulate: {time.monotonic() - t0:.0f} s, round {max(printed - 1, 0)} of {cfg.server.rounds} done")
             time.sleep(0.5)
     except KeyboardInterrupt:
         echo("simulate: interrupted; stopping all processes")
@@ -287,9 +295,9 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     from fedserver.storage import RoundLog  # imports torch; keep `simulate --help` fast
 
     echo("")
-    for line in efficiency_lines(RoundLog(out / "rounds.jsonl").read(), cfg.preset, cfg.batch_size, by="hardware"):
+    for line in efficiency_lines(RoundLog(out / "rounds.jsonl").read(), cfg.server.preset, cfg.server.batch_size, by="hardware"):
         echo(line)
-    echo(f"simulate: {cfg.rounds} rounds in {elapsed:.0f} s; wrote {out / 'rounds.jsonl'} (per device: tokens/s, "
+    echo(f"simulate: {cfg.server.rounds} rounds in {elapsed:.0f} s; wrote {out / 'rounds.jsonl'} (per device: tokens/s, "
          f"MFU, power, ...) and {out / 'summary.json'}")
     return 0
 
@@ -318,7 +326,7 @@ class Fleet:
         self.port = self.launcher.port or free_port()
         scfg = cfg.server_config(self.out, self.port, self.launcher.listen_host)
         self.certs = None
-        if not cfg.insecure:
+        if not cfg.server.insecure:
             from fedserver.certs import write_fleet
 
             # The server certificate must name the address the daemons dial.
@@ -369,16 +377,17 @@ class Fleet:
 
 
 def _wire(cfg: SimulateConfig) -> str:
-    down = f"down {cfg.download_encoding or cfg.encoding}/{cfg.codec}"
-    if cfg.download_payload == "delta":
-        down += f" then {cfg.download_delta_encoding} deltas"
-    up = f"up {cfg.encoding}/{cfg.codec} {cfg.upload_payload}" + (" +EF" if cfg.error_feedback else "")
-    if cfg.link_aware:
+    c = cfg.server
+    down = f"down {c.download_encoding}/{c.download_codec}"
+    if c.download_payload == "delta":
+        down += f" then {c.download_delta_encoding} deltas"
+    up = f"up {c.upload_encoding}/{c.upload_codec} {c.upload_payload}" + (" +EF" if c.error_feedback else "")
+    if c.link_aware:
         up += " (link-aware)"
-    if cfg.lora_rank:
-        spec = cfg.server_config(Path("."), 0).lora_spec()
-        assert spec is not None
-        return f"{spec.describe()}: {down} (B only after the first), {up} (B only)"
+    method = c.method()
+    if method.patches_trainable:
+        note = method.summary_note.strip()
+        return f"{method.describe()}: {down} ({note} after the first), {up} ({note})"
     return f"{down}, {up}"
 
 

@@ -33,7 +33,7 @@ PINS = {
 @pytest.mark.parametrize("name", sorted(PINS))
 def test_short_run_reproduces_its_pinned_digest(tmp_path, name):
     over, pinned = PINS[name]
-    cfg = SimulateConfig(out=tmp_path / name, **{**BASE, **over})
+    cfg = SimulateConfig.of(out=tmp_path / name, **{**BASE, **over})
     lines: list[str] = []
     assert run(cfg, echo=lines.append) == 0, "\n".join(lines)
     rounds = json.loads((cfg.out / "summary.json").read_text())["rounds"]

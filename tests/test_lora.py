@@ -74,8 +74,9 @@ def send(ch: grpc.Channel, dev: str, sid: str, task: pb.Task, state: dict[str, t
 
 
 def wait_round(srv, number: int, timeout: float = 120) -> None:
+    """Until round `number` is committed: checkpointed and in summary.json (round_no moves before both)."""
     end = time.monotonic() + timeout
-    while srv.coord.round_no < number:
+    while not any(s.get("round") == number for s in srv.coord.records.summaries):
         assert time.monotonic() < end, f"round {number} did not complete"
         time.sleep(0.1)
 
@@ -344,7 +345,7 @@ def test_bad_adapter_uploads_are_refused(tmp_path):
 # ------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_lora_run_uploads_only_b_and_a_restarted_server_continues(tmp_path):
-    cfg = SimulateConfig(out=tmp_path / "run", preset="tiny", rounds=2, devices=2, devices_per_round=2, local_steps=1,
+    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", rounds=2, devices=2, devices_per_round=2, local_steps=1,
                          batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=40, eval_size=4,
                          learning_rate=1e-2, lora_rank=8, round_deadline_s=300, insecure=True)
     lines: list[str] = []
@@ -392,10 +393,10 @@ def test_lora_run_uploads_only_b_and_a_restarted_server_continues(tmp_path):
 
 def global_state_for(cfg: SimulateConfig) -> dict[str, torch.Tensor]:
     """The state a server of this run starts from."""
-    base = build_model(cfg.preset, seed=cfg.seed).state_dict()
+    base = build_model(cfg.server.preset, seed=cfg.server.seed).state_dict()
     spec = cfg.server_config(cfg.out, 0).lora_spec()
     assert spec is not None
-    return {**base, **lora.init_adapters(base, spec, cfg.seed)}
+    return {**base, **lora.init_adapters(base, spec, cfg.server.seed)}
 
 
 def test_compress_lora_scenario_is_compress_fp32_with_adapters():
@@ -403,7 +404,11 @@ def test_compress_lora_scenario_is_compress_fp32_with_adapters():
 
     from fedcore.config import load_toml
 
-    fp32, lo = load_toml(scenario_path("compress-fp32")), load_toml(scenario_path("compress-lora"))
+    def flat(name: str) -> dict:
+        data = load_toml(scenario_path(name))
+        return {**data.pop("server"), **data}
+
+    fp32, lo = flat("compress-fp32"), flat("compress-lora")
     added = {k: v for k, v in lo.items() if k not in fp32}
     assert added == {"lora_rank": 8, "lora_alpha": 16, "lora_targets": "q,v"}
     assert {k: v for k, v in lo.items() if k in fp32 and k != "description"} == \

@@ -214,19 +214,36 @@ def test_check_row_ratio_and_tolerance():
 
 # ----------------------------------------------------------------- scenarios
 
+def flat_scenario(name: str) -> dict:
+    """A scenario file's keys in one dict: its own, its [server] table's and its [client] table's.
+
+    The tables hold exactly what the server's and the devices' configs
+    hold, each key in its own table."""
+    from dataclasses import fields
+
+    from fedclient.config import ClientConfig
+    from fedserver.config import ServerConfig
+
+    data = tomllib.loads((SCENARIOS / f"{name}.toml").read_text())
+    server, client = data.pop("server", {}), data.pop("client", {})
+    assert set(server) <= {f.name for f in fields(ServerConfig)}, set(server)
+    assert set(client) <= {f.name for f in fields(ClientConfig)}, set(client)
+    assert not set(data) & ({f.name for f in fields(ServerConfig)} - {"out"}), "server keys go in [server]"
+    return {**data, **server, **client}
+
+
 SCENARIO_KEYS = {"description", "preset", "rounds", "devices", "devices_per_round", "encoding", "codec",
                  "strategy", "links"}  # required; any other `fedserver simulate` setting may be added
 
 
 @pytest.mark.parametrize("name", ["table1-lte", "table1-10g", "mixed-fleet"])
 def test_scenario_files_parse_and_name_known_profiles(name):
-    data = tomllib.loads((SCENARIOS / f"{name}.toml").read_text())
-    from dataclasses import fields
-
+    data = flat_scenario(name)
+    from fedcore.config import flag_owners
     from fedlab.simulate import SimulateConfig
 
     assert SCENARIO_KEYS <= set(data)
-    assert set(data) - SCENARIO_KEYS <= {f.name for f in fields(SimulateConfig)}
+    assert set(data) - SCENARIO_KEYS <= set(flag_owners(SimulateConfig)), "every key a simulate setting"
     links = data["links"]
     if isinstance(links, str):
         links = [links] * data["devices"]
@@ -238,7 +255,7 @@ def test_scenario_files_parse_and_name_known_profiles(name):
 
 def test_table1_scenarios_match_the_study_setup():
     for name, link in (("table1-lte", "lte"), ("table1-10g", "10g")):
-        data = tomllib.loads((SCENARIOS / f"{name}.toml").read_text())
+        data = flat_scenario(name)
         assert (data["preset"], data["rounds"], data["devices"], data["devices_per_round"]) == ("small", 1, 3, 3)
         assert (data["encoding"], data["codec"]) == ("fp32", "none")
         links = data["links"] if isinstance(data["links"], list) else [data["links"]] * 3
@@ -246,7 +263,7 @@ def test_table1_scenarios_match_the_study_setup():
 
 
 def test_mixed_fleet_scenario():
-    data = tomllib.loads((SCENARIOS / "mixed-fleet.toml").read_text())
+    data = flat_scenario("mixed-fleet")
     assert (data["preset"], data["rounds"], data["devices"], data["devices_per_round"]) == ("tiny", 3, 4, 2)
     assert sorted(data["links"]) == sorted(["lte", "5g", "wifi", "3g"])
 
@@ -289,7 +306,7 @@ def test_ready_scenarios_load_into_simulate_configs(name):
     from fedlab.runner import link_profiles, load_scenario
 
     cfg = load_scenario(name, {"rounds": 1})
-    assert cfg.rounds == 1 and cfg.link
+    assert cfg.server.rounds == 1 and cfg.link
     profiles = link_profiles(cfg.link, cfg.devices)
     assert len(profiles) == cfg.devices
 
