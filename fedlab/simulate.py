@@ -45,6 +45,8 @@ LAUNCHER_SERVER_KEYS = ("listen", "out", "eval_data", "metrics_listen", "tls_cer
 # Device settings the launcher decides for each daemon (no flags; a [client] value for them is overridden).
 LAUNCHER_CLIENT_KEYS = ("server", "device_id", "data_seed", "partitions", "partition", "threads", "state_dir",
                         "weights_dir", "metrics_listen", "insecure", "tls_ca", "tls_cert", "tls_key")
+# The server's seed is every device's data_seed too, and a device's seed range is narrower than the server's.
+MAX_DATA_SEED = (1 << 32) - 1
 # Reconnect quickly: on one machine the server is either up or about to be.
 LAB_CLIENT_DEFAULTS: dict[str, Any] = dict(retry_initial_s=0.5, retry_max_s=5.0)
 
@@ -113,8 +115,14 @@ class SimulateConfig:
                               f"{self.server.devices_per_round}", "devices_per_round")
         if self.metrics_port and not self.metrics_port + self.devices < 65536:
             raise ConfigError(f"metrics_port {self.metrics_port}: the devices' ports would pass 65535", "metrics_port")
-        # Certificates are made when the run starts; check everything else now.
+        # Certificates are made when the run starts; check everything else now, the daemons' side included:
+        # a value each daemon refuses at start would otherwise surface as "N device daemons died".
         dataclasses.replace(self.server_config(Path("."), 0), insecure=True).validate()
+        if self.server.seed > MAX_DATA_SEED:
+            raise ConfigError(f"seed must be <= {MAX_DATA_SEED} (it is each device's data_seed too), got "
+                              f"{self.server.seed}", "seed")
+        dataclasses.replace(self.client, device_id=self.device_ids()[0], data_seed=self.server.seed,
+                            partitions=self.devices, partition=0, insecure=True).validate()
         for name in ("compute_slowdown", "max_batch_size"):
             if len(getattr(self, name)) not in (0, 1, self.devices):
                 raise ValueError(f"{name}: give one value or one per device ({self.devices})")

@@ -50,6 +50,20 @@ def test_toml_tables_flags_win_and_errors_name_the_table_key_and_file(tmp_path):
         resolve([], path)
 
 
+def test_what_every_daemon_would_refuse_at_start_is_refused_at_load(tmp_path):
+    """The seed is each device's data_seed (at most 2**32 - 1), and [client] settings that only conflict with
+    each other (retry_max_s below retry_initial_s) are checked when the config loads, not when daemons die."""
+    with pytest.raises(cfgmod.ConfigError, match=r"^--seed must be <= 4294967295 \(it is each device's"):
+        resolve(["--seed", str(1 << 32)])
+    assert resolve(["--seed", str((1 << 32) - 1)]).server.seed == (1 << 32) - 1
+    path = tmp_path / "sim.toml"
+    path.write_text("[client]\nretry_initial_s = 10\n")
+    with pytest.raises(cfgmod.ConfigError, match=r"retry_max_s must be at least retry_initial_s \(10\)"):
+        resolve([], path)
+    with pytest.raises(cfgmod.ConfigError, match=r"^flags: unknown hardware 'no-such-board'"):
+        resolve(["--hardware", "no-such-board"])
+
+
 def test_the_launcher_passes_the_devices_their_part():
     cfg = SimulateConfig.of(devices=2, devices_per_round=2, data_size=60,
                             client={"power_hz": 2.0, "stay_after_shutdown": True},
