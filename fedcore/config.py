@@ -265,7 +265,10 @@ def from_mapping(cls: type[T], data: dict[str, Any], source: str = "config",
     types = _field_types(cls)
     expand = getattr(cls, "expand", None)
     if callable(expand):  # shorthands of a composing config, resolved before defaults apply
-        data = expand(dict(data))
+        try:
+            data = expand(dict(data))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
     data, given = _split_parts(cls, data, source)
     unknown = sorted(set(data) - set(types))
     if unknown:

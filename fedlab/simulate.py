@@ -84,6 +84,14 @@ class SimulateConfig:
     def expand(cls, data: dict[str, Any]) -> dict[str, Any]:
         """Shorthands into the server's keys, before defaults: --encoding and --codec set both directions
         where a direction is not given; a round needs all its sampled devices unless min_updates says less."""
+        for part, keys in (("server", LAUNCHER_SERVER_KEYS), ("client", LAUNCHER_CLIENT_KEYS)):
+            table = data.get(part)
+            if isinstance(table, dict):  # a table given by a user (flat keys and flags cannot name these)
+                taken = sorted(set(table) & set(keys))
+                if taken:
+                    raise ConfigError(f"[{part}] {', '.join(taken)}: set by the launcher for each process "
+                                      f"(addresses, directories, certificates, each device's part); leave "
+                                      f"{'it' if len(taken) == 1 else 'them'} out")
         server = dict(data.get("server") or {})
         own = {f.name for f in dataclasses.fields(cls)}
         flat = {k: data.pop(k) for k in list(data)

@@ -74,3 +74,13 @@ def test_the_launcher_passes_the_devices_their_part():
     assert args[args.index("--partition") + 1] == "1" and args[args.index("--server") + 1] == "127.0.0.1:5"
     scfg = cfg.server_config(tmp := cfg.out, 0)
     assert scfg.out == tmp and scfg.eval_data == cfg.client.data and scfg.seed == 7
+
+
+def test_what_the_launcher_sets_is_refused_in_a_table_not_silently_overwritten(tmp_path):
+    path = tmp_path / "sim.toml"
+    path.write_text('[server]\nlisten = "0.0.0.0:50051"\n\n[client]\ndevice_id = "orin-1"\n')
+    with pytest.raises(cfgmod.ConfigError, match=rf"^{path}: \[server\] listen: set by the launcher"):
+        resolve([], path)
+    path.write_text('[client]\ndevice_id = "orin-1"\n')
+    with pytest.raises(cfgmod.ConfigError, match=r"\[client\] device_id: set by the launcher"):
+        resolve([], path)
