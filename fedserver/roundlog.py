@@ -17,7 +17,7 @@ from typing import Any
 
 from fedcore.clock import Clock
 from fedcore.config import to_dict
-from fedcore.records import ABSENT, HARDWARE_KEYS, DeviceRound, RoundSummary
+from fedcore.records import ABSENT, DEVICE_METRIC_KEYS, HARDWARE_KEYS, DeviceRound, RoundSummary
 
 from .config import ServerConfig
 from .roundstate import Assignment, RoundState
@@ -144,8 +144,7 @@ def device_record(cur: RoundState, a: Assignment, end: float, wall: float, polic
     for name in ("weight_cut", "reason", "upload_encoding", "encoding_reason"):
         if getattr(a, name):
             setattr(rec, name, getattr(a, name))
-    for k in ("t_comp_s", "t_down_s", "t_up_s", "t_wait_s", "bytes_down", "bytes_up", "tokens",
-              "train_loss", "download_cached", "step_times", "extra"):
+    for k in DEVICE_METRIC_KEYS:
         if k in m:
             setattr(rec, k, m[k])
     lost = lost_upload_figures(a, m)
