@@ -40,9 +40,9 @@ def lab_server() -> ServerConfig:
     return ServerConfig(**LAB_SERVER_DEFAULTS)
 
 
-# Server settings the launcher decides (no flags; a [server] value for them is overridden).
+# Server settings the launcher decides (no flags; a [server] table that sets one is refused by `expand`).
 LAUNCHER_SERVER_KEYS = ("listen", "out", "eval_data", "metrics_listen", "tls_cert", "tls_key", "tls_ca")
-# Device settings the launcher decides for each daemon (no flags; a [client] value for them is overridden).
+# Device settings the launcher decides for each daemon (no flags; a [client] table that sets one is refused).
 LAUNCHER_CLIENT_KEYS = ("server", "device_id", "data_seed", "partitions", "partition", "threads", "state_dir",
                         "weights_dir", "metrics_listen", "insecure", "tls_ca", "tls_cert", "tls_key")
 # The server's seed is every device's data_seed too, and a device's seed range is narrower than the server's.
