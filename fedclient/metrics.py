@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedcore.metrics import DEVICE_FIGURES, Registry, device_figure
+from fedcore.metrics import DEVICE_FIGURES, Registry
+from fedcore.records import device_figure
 
 P = "fedtune_client_"
 

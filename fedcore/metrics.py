@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from fedcore.records import device_figure  # noqa: F401 (read by the exporters and reports from here)
-
 log = logging.getLogger("fedcore.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

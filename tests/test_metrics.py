@@ -7,7 +7,8 @@ import urllib.request
 import pytest
 
 from fedclient.metrics import DeviceStats, client_registry
-from fedcore.metrics import CONTENT_TYPE, MetricsServer, Registry, device_figure, split_listen
+from fedcore.metrics import CONTENT_TYPE, MetricsServer, Registry, split_listen
+from fedcore.records import device_figure
 from fedserver.metrics import server_registry
 
 
