@@ -37,7 +37,7 @@ class DownloadPlanner:
         spec = self.spec
         codec_ = spec.codec if codec == pb.CODEC_UNSPECIFIED else codec_name(codec)
         if base_version and base_version != m.version:
-            if m.method.patches_trainable and base_version in m.versions:
+            if self._patchable(base_version):
                 return self._trainable_patch(device_id, base_version, codec_)
             if self.payload == "delta":
                 step = self._delta_step(device_id, base_version)
@@ -56,10 +56,14 @@ class DownloadPlanner:
         """Wire bytes (before compression) a device holding `base_version` will download, at most the model's."""
         m = self.model
         full = m.wire_bytes(self.spec)
-        if base_version and m.method.patches_trainable and base_version in m.versions:
+        if base_version and self._patchable(base_version):
             return m.wire_bytes(self.spec, m.trainable())
         chain = m.history.chain(base_version, m.version) if base_version and self.payload == "delta" else None
         return min(sum(s.stream.wire_bytes for s in chain), full) if chain is not None else full
+
+    def _patchable(self, base: str) -> bool:
+        """A device holding `base` needs only the trainable tensors (the method's versions share the rest)."""
+        return self.model.method.patches_trainable and base in self.model.versions
 
     def _trainable_patch(self, device_id: str, base: str, codec: str) -> StateEncoder:
         """Only the trainable tensors of the current version, to be put into the version the device holds."""
