@@ -87,5 +87,5 @@ def study_lines(preset: str | None, batch_size: int | None) -> list[str]:
             lines.append(f"  {dev:<5} {s.tps:9.1f} TPS, {_f(s.watts, '.2f')} W, ηe {_f(s.eta_e, '.2f')}, "
                          f"MFU {_f(s.mfu, '.1f', 100)}% (its formula; {_f(ours, '.2f', 100)}% by ours)")
     lines.append("  its TPS counts input tokens only; our tokens/s counts input + target tokens, ηe = tokens/s / W. "
-                 "MFU formula: README, Hardware efficiency.")
+                 "MFU formula: docs/explanation/hardware-efficiency.md.")
     return lines

@@ -209,7 +209,8 @@ def test_config_simulate_settings_are_checked_by_their_own_names(tmp_path):
 
 
 def test_config_documented_settings_still_load(tmp_path):
-    """The README's examples and the shipped scenarios pass the stricter checks."""
+    """The documented settings and the shipped scenarios pass the stricter checks (tests/test_docs.py checks that
+    every key in the docs' TOML examples is a real setting)."""
     from fedlab.runner import SCENARIOS, load_scenario
 
     for path in sorted(SCENARIOS.glob("*.toml")):

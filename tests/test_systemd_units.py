@@ -53,7 +53,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path):
         (bin_dir / cmd).chmod(0o755)
     for name, instance in INSTANCES.items():
         text = (UNITS / name).read_text()
-        assert INSTALL_BIN in text, f"{name} no longer runs from {INSTALL_BIN}: update the README and this test"
+        assert INSTALL_BIN in text, f"{name} no longer runs from {INSTALL_BIN}: update docs/how-to/systemd.md and this test"
         (tmp_path / name).write_text(text.replace(INSTALL_BIN, str(bin_dir)))
     r = subprocess.run(["systemd-analyze", "verify", *INSTANCES.values()], cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
