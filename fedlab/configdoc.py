@@ -311,7 +311,7 @@ def _option_rows(parser: argparse.ArgumentParser, skip: set[str], same_as: set[s
         if a.choices is not None and value:
             value = "{" + ",".join(map(str, a.choices)) + "}"
         default = "-" if a.default in (None, False) or a.nargs == 0 else f"`{a.default}`"
-        text = a.help or ("as the config key of that name" if a.dest in same_as else "")
+        text = a.help or ("as the `fedclient run` setting of that name" if a.dest in same_as else "")
         if a.required:
             text = "required" + ("; " + text if text else "")
         if isinstance(a, argparse._AppendAction):
@@ -330,7 +330,8 @@ def _program(name: str, parser: argparse.ArgumentParser) -> list[str]:
     sub = _subparsers(parser)
     helps = {a.dest: a.help for a in sub._choices_actions}
     for cmd, p in sub.choices.items():
-        out += [f"### `{name} {cmd}`", "", (helps.get(cmd) or "").rstrip(".") + ".", ""]
+        what = (helps.get(cmd) or "").rstrip(".")
+        out += [f"### `{name} {cmd}`", "", what[:1].upper() + what[1:] + ".", ""]
         section = CONFIG_SECTIONS.get((name, cmd))
         skip = _config_dests(section[0]) if section else set()
         out += _option_rows(p, skip, {f.name for f in dataclasses.fields(ClientConfig)})
