@@ -35,7 +35,7 @@ def crash_config(out: Path) -> SimulateConfig:
     # Every device sampled every round: the disturbed run has the same participants by construction.
     # Uploads capped at 8 Mbit/s (~3.5 s for the tiny model): over loopback the whole update would sit in
     # socket buffers within milliseconds, and a kill could not land mid-upload.
-    return SimulateConfig.of(out=out, preset="tiny", rounds=2, devices=3, devices_per_round=3, local_steps=2,
+    return SimulateConfig.of(out=out, preset="tiny", base="random", rounds=2, devices=3, devices_per_round=3, local_steps=2,
                           batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=60, eval_size=0,
                           round_deadline_s=300, chunk_elems=16384, stall_timeout_s=20, max_upload_mbit=8)
 
@@ -160,7 +160,7 @@ def cmd_crash(args: argparse.Namespace, echo: Echo = print) -> int:
 # ------------------------------------------------------------------ link down
 def linkdown_config(out: Path) -> SimulateConfig:
     # 4 and 2 Mbit/s: the 3.5 MB tiny model takes ~7 s down and ~14 s up, long enough to cut the link mid-way.
-    return SimulateConfig.of(out=out, preset="tiny", rounds=1, devices=1, devices_per_round=1, local_steps=1,
+    return SimulateConfig.of(out=out, preset="tiny", base="random", rounds=1, devices=1, devices_per_round=1, local_steps=1,
                           batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=20, eval_size=2,
                           round_deadline_s=300, stall_timeout_s=4, link="custom:down=4,up=2")
 

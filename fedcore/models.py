@@ -85,6 +85,11 @@ def t5_config(preset: str | ModelPreset, dropout_rate: float | None = None) -> T
     )
 
 
+def init_model(preset: str | ModelPreset, seed: int = 0) -> T5ForConditionalGeneration:
+    """The preset with seeded random weights (as :func:`build_model` without a weights directory, silently)."""
+    return _random_model(t5_config(preset), seed)
+
+
 def _random_model(cfg: T5Config, seed: int) -> T5ForConditionalGeneration:
     # fork_rng keeps the caller's global RNG stream untouched by our seeding.
     with torch.random.fork_rng(devices=[]):
@@ -116,7 +121,7 @@ def build_model(
                         weights_dir, cfg.d_model, cfg.num_layers, cfg.vocab_size, preset.name)
         log.info("loaded %s weights from %s", preset.name, weights_dir)
         return model
-    model = _random_model(t5_config(preset), seed)
+    model = init_model(preset, seed)
     log.warning("model %s has RANDOM weights (seed %d): no weights directory given", preset.name, seed)
     return model
 

@@ -10,7 +10,7 @@ from fedcore import logs
 from fedserver import cli as server_cli
 from netem import cli as netem_cli
 
-from .simulate import SimulateConfig
+from .simulate import LAB_SERVER_DEFAULTS, SimulateConfig
 
 
 # ------------------------------------------------------------------- fedserver
@@ -26,6 +26,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return simulate.run(cfg)
 
 
+def cmd_base(args: argparse.Namespace) -> int:
+    from . import base  # torch
+
+    logs.setup(args.log_level)
+    echo = lambda line: print(line, flush=True)  # noqa: E731
+    if args.out is not None or args.force:
+        path = args.out or base.cached_dir()
+        echo(f"base: building the offline pretrained base into {path}")
+        base.build(out=path, progress=base.progress_echo(base.Recipe(), echo))
+        info = base.BaseInfo.read(path)
+    else:
+        path, info = base.ensure(echo=echo)
+    for line in base.describe(path, info, held_out=args.eval_size):
+        echo(line)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report  # matplotlib is an optional extra: import only here
 
@@ -39,6 +56,14 @@ def fedserver_parser() -> argparse.ArgumentParser:
                                           "per-round table")
     sim.add_argument("--config", type=Path, default=None, help="TOML file with simulate settings")
     cfgmod.add_arguments(sim, SimulateConfig, skip=SimulateConfig.HIDDEN_FLAGS)
+    bse = sub.add_parser("base", help="build (once, then cached) the offline pretrained base that simulate starts "
+                                      "from, and say what it knows")
+    bse.add_argument("--out", type=Path, default=None, help="build into this directory instead of the cache "
+                                                            "(always builds)")
+    bse.add_argument("--force", action="store_true", help="build again even if the cached base is intact")
+    bse.add_argument("--eval-size", type=int, default=LAB_SERVER_DEFAULTS["eval_size"],
+                     help="held-out examples of the federated task to evaluate the base on (simulate's round 0 set; "
+                          "0: skip)")
     rpt = sub.add_parser("report", help="tables and PNG plots of a finished or running run directory")
     rpt.add_argument("run_dir", type=Path, help="directory with summary.json and rounds.jsonl (fedserver simulate, "
                                                 "netem run or fedserver run --out)")
@@ -49,7 +74,8 @@ def fedserver_parser() -> argparse.ArgumentParser:
 def fedserver_main(argv: list[str] | None = None) -> int:
     """Entry point of the `fedserver` console script."""
     return server_cli.main(argv, fedserver_parser(),
-                           {**server_cli.COMMANDS, "simulate": cmd_simulate, "report": cmd_report})
+                           {**server_cli.COMMANDS, "simulate": cmd_simulate, "base": cmd_base,
+                            "report": cmd_report})
 
 
 # ----------------------------------------------------------------------- netem

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TextIO
 from fedclient.config import ClientConfig
 from fedcore.config import ConfigError, check_fields, described, from_mapping, to_dict
 from fedcore.hwreport import efficiency_lines
+from fedlab.basecorpus import BASE_PRESET
 from fedserver.config import WIRE_CODECS, WIRE_ENCODINGS, ServerConfig
 from fedserver.roundlog import read_summaries
 
@@ -47,6 +48,8 @@ LAUNCHER_CLIENT_KEYS = ("server", "device_id", "data_seed", "partitions", "parti
                         "weights_dir", "metrics_listen", "insecure", "tls_ca", "tls_cert", "tls_key")
 # The server's seed is every device's data_seed too, and a device's seed range is narrower than the server's.
 MAX_DATA_SEED = (1 << 32) - 1
+# Where a run's initial model comes from when no weights_dir is given (see fedlab.base).
+BASES = ("auto", "pretrained", "random")
 # Reconnect quickly: on one machine the server is either up or about to be.
 LAB_CLIENT_DEFAULTS: dict[str, Any] = dict(retry_initial_s=0.5, retry_max_s=5.0)
 
@@ -77,6 +80,10 @@ class SimulateConfig:
                                                             "device i on PORT+1+i (0: off)", ge=0, le=65535))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
                                                         "(e.g. lte; needs root); comma-separate for a mixed fleet"))
+    base: str = field(default="auto", metadata=described(
+        "the model a run starts from when no --weights-dir is given: 'pretrained' (the offline pretrained base, "
+        "built once per machine and cached; preset tiny), 'random' (seeded random init), 'auto' (pretrained for "
+        "tiny, random for the other presets)", choices=BASES))
     server: ServerConfig = field(default_factory=lab_server)
     client: ClientConfig = field(default_factory=lambda: ClientConfig(**LAB_CLIENT_DEFAULTS))
 
@@ -134,6 +141,19 @@ class SimulateConfig:
         for name in ("compute_slowdown", "max_batch_size"):
             if len(getattr(self, name)) not in (0, 1, self.devices):
                 raise ValueError(f"{name}: give one value or one per device ({self.devices})")
+        if self.server.weights_dir is not None and self.base != "auto":
+            raise ConfigError(f"base {self.base!r} and weights_dir both say where the weights come from; give one",
+                              "base")
+        if self.base == "pretrained" and self.server.preset != BASE_PRESET:
+            raise ConfigError(f"base 'pretrained': the offline pretrained base is built for preset {BASE_PRESET}; "
+                              f"for {self.server.preset} give --weights-dir (a FLAN-T5 directory) or --base random",
+                              "base")
+
+    def pretrained_base(self) -> bool:
+        """Whether this run starts from the offline pretrained base (fedlab.base)."""
+        if self.server.weights_dir is not None:
+            return False
+        return self.base == "pretrained" or (self.base == "auto" and self.server.preset == BASE_PRESET)
 
     def device_ids(self) -> list[str]:
         return [f"dev-{i:02d}" for i in range(self.devices)]
@@ -258,14 +278,15 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     echo = echo or (lambda line: print(line, flush=True))
     out = Path(cfg.out)
     logs = out / "logs"
-    fleet = Fleet(cfg, launcher)
+    fleet = Fleet(cfg, launcher, echo)
+    cfg = fleet.cfg
     procs = fleet.procs
     fleet.start_server()
     server_addr = fleet.server_addr
     for i in range(cfg.devices):
         fleet.start_device(i)
     security = f"mutual TLS (certificates in {fleet.certs.out})" if fleet.certs else "PLAINTEXT (--insecure)"
-    echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, preset {cfg.server.preset}, "
+    echo(f"simulate: server on {server_addr}, {cfg.devices} device daemons, {_model(fleet)}, "
          f"{cfg.server.rounds} rounds x {cfg.server.devices_per_round} devices, {_wire(cfg)}, {cfg.server.strategy}, "
          f"{security}; logs in {logs}")
     server = procs[0][1]
@@ -313,9 +334,22 @@ def run(cfg: SimulateConfig, launcher: Launcher | None = None, echo: Callable[[s
     echo("")
     for line in efficiency_lines(RoundLog(out / "rounds.jsonl").read(), cfg.server.preset, cfg.server.batch_size, by="hardware"):
         echo(line)
+    line = held_out_line(summaries, "the pretrained base" if fleet.base_info else "the initial model")
+    if line:
+        echo(line)
     echo(f"simulate: {cfg.server.rounds} rounds in {elapsed:.0f} s; wrote {out / 'rounds.jsonl'} (per device: tokens/s, "
          f"MFU, power, ...) and {out / 'summary.json'}")
     return 0
+
+
+def held_out_line(summaries: Sequence[dict[str, Any]], start: str) -> str | None:
+    """What the run added on the held-out set: round 0 (the model it started from) against the last round."""
+    first = next((s for s in summaries if s.get("round") == 0), None)
+    last = summaries[-1] if summaries else None
+    if first is None or last is None or last is first or first.get("rougeL") is None or last.get("rougeL") is None:
+        return None
+    return (f"held-out ROUGE-L {first['rougeL']:.2f} before round 1 ({start}) -> {last['rougeL']:.2f} after round "
+            f"{last['round']}; eval loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}")
 
 
 class Fleet:
@@ -326,7 +360,14 @@ class Fleet:
     directory and port.
     """
 
-    def __init__(self, cfg: SimulateConfig, launcher: Launcher | None = None) -> None:
+    def __init__(self, cfg: SimulateConfig, launcher: Launcher | None = None,
+                 echo: Callable[[str], None] | None = None) -> None:
+        self.base_info = None
+        if cfg.pretrained_base():
+            from fedlab import base  # torch: only for a run that needs the base
+
+            path, self.base_info = base.ensure(echo=echo or (lambda line: print(line, flush=True)))
+            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, weights_dir=path))
         self.cfg, self.launcher = cfg, launcher or Launcher()
         self.out = Path(cfg.out)
         self.logs = self.out / "logs"
@@ -390,6 +431,16 @@ class Fleet:
 
     def stop(self, wait_s: float = 15.0) -> None:
         _stop_all(self.procs, wait_s)
+
+
+def _model(fleet: Fleet) -> str:
+    c = fleet.cfg.server
+    if fleet.base_info is not None:
+        return (f"preset {c.preset} from the offline pretrained base ({fleet.base_info.digest[:19]}..., "
+                f"fedserver base; --base random for a random init)")
+    if c.weights_dir is not None:
+        return f"preset {c.preset} from {c.weights_dir}"
+    return f"preset {c.preset} with RANDOM weights (seed {c.seed})"
 
 
 def _wire(cfg: SimulateConfig) -> str:

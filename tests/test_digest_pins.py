@@ -17,7 +17,7 @@ from fedlab.simulate import SimulateConfig, run
 pytestmark = pytest.mark.slow
 
 # Every device is sampled every round, so the participants do not depend on join order.
-BASE = dict(preset="tiny", rounds=2, devices=3, devices_per_round=3, local_steps=2, batch_size=8,
+BASE = dict(preset="tiny", base="random", rounds=2, devices=3, devices_per_round=3, local_steps=2, batch_size=8,
             max_input_tokens=128, max_target_tokens=32, data_size=60, eval_size=4, round_deadline_s=300,
             insecure=True)
 

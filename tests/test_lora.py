@@ -345,7 +345,7 @@ def test_bad_adapter_uploads_are_refused(tmp_path):
 # ------------------------------------------------------------------ end to end
 @pytest.mark.slow
 def test_lora_run_uploads_only_b_and_a_restarted_server_continues(tmp_path):
-    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", rounds=2, devices=2, devices_per_round=2, local_steps=1,
+    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", base="random", rounds=2, devices=2, devices_per_round=2, local_steps=1,
                          batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=40, eval_size=4,
                          learning_rate=1e-2, lora_rank=8, round_deadline_s=300, insecure=True)
     lines: list[str] = []

@@ -31,7 +31,7 @@ def ours() -> set[str]:
 
 def test_one_tiny_round_through_a_two_device_topology(tmp_path):
     before = ours()
-    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", rounds=1, devices=2, devices_per_round=2,
+    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", base="random", rounds=1, devices=2, devices_per_round=2,
                          local_steps=1, batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=40,
                          eval_size=4, round_deadline_s=300, link="lte,custom:down=20,up=10")
     assert simulate_with_links(cfg) == 0

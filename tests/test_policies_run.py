@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_time_policy_gives_the_slow_device_fewer_steps_and_records_idle_ratios(tmp_path):
-    cfg = SimulateConfig.of(out=tmp_path / "time", preset="tiny", rounds=2, devices=2, devices_per_round=2, local_steps=4,
+    cfg = SimulateConfig.of(out=tmp_path / "time", preset="tiny", base="random", rounds=2, devices=2, devices_per_round=2, local_steps=4,
                          batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=40, eval_size=0,
                          round_deadline_s=300, compute_slowdown=[1.0, 4.0], round_policy="time")
     lines: list[str] = []

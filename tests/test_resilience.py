@@ -29,7 +29,7 @@ def test_kill9_daemon_mid_upload_and_server_mid_round_gives_the_undisturbed_mode
 
 
 def test_killed_daemon_that_stays_dead_does_not_hold_the_round(tmp_path):
-    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", rounds=1, devices=2, devices_per_round=2, local_steps=1,
+    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", base="random", rounds=1, devices=2, devices_per_round=2, local_steps=1,
                          batch_size=8, max_input_tokens=128, max_target_tokens=32, data_size=40, eval_size=0,
                          round_deadline_s=30)
     fleet = Fleet(cfg)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_rounds_aggregate_the_sampled_updates_exactly(tmp_path):
-    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", rounds=2, devices=3, devices_per_round=2,
+    cfg = SimulateConfig.of(out=tmp_path / "run", preset="tiny", base="random", rounds=2, devices=3, devices_per_round=2,
                          local_steps=1, batch_size=8, max_input_tokens=128, max_target_tokens=32,
                          data_size=60, eval_size=4, save_updates=True, round_deadline_s=120)
     lines: list[str] = []
