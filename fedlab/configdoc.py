@@ -156,6 +156,28 @@ def _or_none(rows: list[str]) -> list[str]:
     return rows or ["- none"]
 
 
+def part_section(part: str, cls: type, composed: Any, launcher: tuple[str, ...], sim_flags: dict[str, list[str]],
+                 set_by: str, command: str, defaults: str, where: str) -> list[str]:
+    """The `[server]` or `[client]` table of a simulation: what the launcher sets, what defaults differ, and
+    which keys have no flag of their own."""
+    return [
+        f"### `[{part}]` in a simulation",
+        "",
+        f"{set_by}, so refused in `[{part}]` and offered as no flag: " + ", ".join(f"`{k}`" for k in launcher)
+        + f". Defaults that differ from `{command}`'s ({defaults}):",
+        "",
+        f"| key | in a simulation | in `{command}` |",
+        "|---|---|---|",
+        *differing_defaults(cls, composed),
+        "",
+        f"Keys of `[{part}]` whose flag in `fedserver simulate` is not their own{where}:",
+        "",
+        *_or_none([f"- `{f.name}`: {_part_note(part, launcher, sim_flags)(f.name)}" for f in dataclasses.fields(cls)
+                   if f"{part}.{f.name}" not in sim_flags and f.name not in launcher]),
+        "",
+    ]
+
+
 def differing_defaults(cls: type, composed: Any) -> list[str]:
     """Rows of key, the simulation's default, the command's default, where they differ."""
     rows = []
@@ -225,40 +247,13 @@ def render_config() -> str:
         "with two more keys: `description` (a line `netem run` prints) and `links` (a list of link "
         "profiles, one per device, the same as `link` comma-separated); `out` defaults to `runs/NAME`.",
         "",
-        "### `[server]` in a simulation",
-        "",
-        "Set by the launcher for each run, so refused in `[server]` and offered as no flag: "
-        + ", ".join(f"`{k}`" for k in LAUNCHER_SERVER_KEYS) + ". Defaults that differ from `fedserver run`'s "
-        "(`LAB_SERVER_DEFAULTS` in `fedlab/simulate.py`: a tiny model and a short run):",
-        "",
-        "| key | in a simulation | in `fedserver run` |",
-        "|---|---|---|",
-        *differing_defaults(ServerConfig, sim.server),
-        "",
-        "Keys of `[server]` whose flag in `fedserver simulate` is not their own:",
-        "",
-        *_or_none([f"- `{f.name}`: {_part_note('server', LAUNCHER_SERVER_KEYS, sim_flags)(f.name)}"
-                   for f in dataclasses.fields(ServerConfig)
-                   if "server." + f.name not in sim_flags and f.name not in LAUNCHER_SERVER_KEYS]),
-        "",
-        "### `[client]` in a simulation",
-        "",
-        "Set by the launcher for each daemon (its id, address, part of the data, state directory, "
-        "certificates), so refused in `[client]` and offered as no flag: "
-        + ", ".join(f"`{k}`" for k in LAUNCHER_CLIENT_KEYS) + ". Defaults that differ from `fedclient run`'s "
-        "(`LAB_CLIENT_DEFAULTS`):",
-        "",
-        "| key | in a simulation | in `fedclient run` |",
-        "|---|---|---|",
-        *differing_defaults(ClientConfig, sim.client),
-        "",
-        "Keys of `[client]` whose flag in `fedserver simulate` is not their own (set them in `[client]` in "
-        "the TOML file):",
-        "",
-        *_or_none([f"- `{f.name}`: {_part_note('client', LAUNCHER_CLIENT_KEYS, sim_flags)(f.name)}"
-                   for f in dataclasses.fields(ClientConfig)
-                   if "client." + f.name not in sim_flags and f.name not in LAUNCHER_CLIENT_KEYS]),
-        "",
+        *part_section("server", ServerConfig, sim.server, LAUNCHER_SERVER_KEYS, sim_flags,
+                      "Set by the launcher for each run", "fedserver run",
+                      "`LAB_SERVER_DEFAULTS` in `fedlab/simulate.py`: a tiny model and a short run", ""),
+        *part_section("client", ClientConfig, sim.client, LAUNCHER_CLIENT_KEYS, sim_flags,
+                      "Set by the launcher for each daemon (its id, address, part of the data, state directory, "
+                      "certificates)", "fedclient run", "`LAB_CLIENT_DEFAULTS`",
+                      " (set them in `[client]` in the TOML file)"),
         "## Status query: `fedserver status`",
         "",
         "`StatusConfig` in `fedserver/status.py` (TOML with `--config`, or flags).",
