@@ -238,7 +238,11 @@ def ensure(recipe: Recipe = Recipe(), echo: Callable[[str], None] = print) -> tu
             echo(f"base: {path} is unreadable ({exc}); building it again")
     echo(f"base: building the offline pretrained base ({recipe.preset}, {recipe.steps} steps on "
          f"{recipe.threads} threads) into {path}; this is done once per machine")
-    build(recipe, path, progress_echo(recipe, echo))
+    try:
+        build(recipe, path, progress_echo(recipe, echo))
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write the pretrained base to {path} ({exc.strerror or exc}); set "
+                                 f"FEDTUNE_CACHE to a writable directory, or run with --base random") from None
     info = BaseInfo.read(path)
     echo(f"base: built in {info.build_s:.0f} s, digest {info.digest[:19]}...")
     return path, info

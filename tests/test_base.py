@@ -166,3 +166,13 @@ def test_held_out_line_compares_round_zero_with_the_last_round():
         "eval loss 4.1873 -> 0.8740")
     assert held_out_line(rounds[:1], "x") is None
     assert held_out_line([dict(round=0, rougeL=None, eval_loss=None), rounds[2]], "x") is None
+
+
+def test_an_unwritable_cache_says_what_to_do(tmp_path, monkeypatch):
+    from fedlab import base
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("FEDTUNE_CACHE", str(blocker))
+    with pytest.raises(OSError, match="cannot write the pretrained base.*FEDTUNE_CACHE.*--base random"):
+        base.ensure(base.Recipe(**SMALL), echo=lambda _: None)
