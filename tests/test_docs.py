@@ -18,8 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 # Pages the pretrained-base work (issue 16) adds; the docs map links them already. Drop a name once its page exists.
-PENDING = {DOCS / "measurements" / "pretrained-base.md", DOCS / "explanation" / "pretrained-base.md"}
-
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.M | re.S)
 
@@ -63,8 +61,6 @@ def test_relative_links_point_at_existing_files_and_headings(page):
             continue
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
-        if dest in PENDING:
-            continue
         if not dest.exists():
             broken.append(f"{target}: no such file")
         elif anchor and dest.is_file() and anchor not in anchors(dest):
@@ -86,7 +82,7 @@ def test_docs_pages_the_code_cites_exist():
              for m in re.findall(r"\bdocs/[\w./-]+\.md\b", p.read_text())}
     assert cited, "no docs page cited in the code"
     missing = [f"{p.relative_to(ROOT)}: {m}" for p, m in sorted(cited)
-               if not (ROOT / m).is_file() and ROOT / m not in PENDING]
+               if not (ROOT / m).is_file()]
     assert not missing, "cited docs pages that do not exist: " + "; ".join(missing)
 
 
