@@ -436,8 +436,8 @@ class Fleet:
 def _model(fleet: Fleet) -> str:
     c = fleet.cfg.server
     if fleet.base_info is not None:
-        return (f"preset {c.preset} from the offline pretrained base ({fleet.base_info.digest[:19]}..., "
-                f"fedserver base; --base random for a random init)")
+        return (f"preset {c.preset} from the offline pretrained base ({fleet.base_info.digest[:19]}...; "
+                f"--base random for random weights)")
     if c.weights_dir is not None:
         return f"preset {c.preset} from {c.weights_dir}"
     return f"preset {c.preset} with RANDOM weights (seed {c.seed})"
