@@ -72,6 +72,14 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "fedtune"
 
 
+def shown(path: Path) -> str:
+    """A path as a person would type it: under the home directory as ~/..."""
+    try:
+        return "~/" + str(Path(path).resolve().relative_to(Path.home().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def cached_dir(recipe: Recipe = Recipe()) -> Path:
     return cache_root() / "base" / f"{recipe.preset}-{recipe.key()}"
 
@@ -233,15 +241,15 @@ def ensure(recipe: Recipe = Recipe(), echo: Callable[[str], None] = print) -> tu
             info = BaseInfo.read(path)
             if load_state_digest(path) == info.digest:
                 return path, info
-            echo(f"base: {path} does not match its recorded digest; building it again")
+            echo(f"base: {shown(path)} does not match its recorded digest; building it again")
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            echo(f"base: {path} is unreadable ({exc}); building it again")
+            echo(f"base: {shown(path)} is unreadable ({exc}); building it again")
     echo(f"base: building the offline pretrained base ({recipe.preset}, {recipe.steps} steps on "
-         f"{recipe.threads} threads) into {path}; this is done once per machine")
+         f"{recipe.threads} threads) into {shown(path)}; this is done once per machine")
     try:
         build(recipe, path, progress_echo(recipe, echo))
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot write the pretrained base to {path} ({exc.strerror or exc}); set "
+        raise OSError(exc.errno, f"cannot write the pretrained base to {shown(path)} ({exc.strerror or exc}); set "
                                  f"FEDTUNE_CACHE to a writable directory, or run with --base random") from None
     info = BaseInfo.read(path)
     echo(f"base: built in {info.build_s:.0f} s, digest {info.digest[:19]}...")
@@ -264,7 +272,7 @@ def describe(path: Path, info: BaseInfo, held_out: int = 48) -> list[str]:
     """What a base is and knows: its figures on its own distribution, and on the federated task's held-out set
     (the set `fedserver simulate` evaluates as round 0) when ``held_out`` > 0."""
     r, h = info.recipe, info.held_out
-    lines = [f"base: {path}",
+    lines = [f"base: {shown(path)}",
              f"  digest {info.digest}",
              f"  {info.parameters:,} parameters ({r['preset']}), {r['steps']} steps of {r['batch_size']} on "
              f"{r['threads']} threads, built in {info.build_s:.0f} s with torch {info.torch}",
@@ -283,5 +291,5 @@ def describe(path: Path, info: BaseInfo, held_out: int = 48) -> list[str]:
                       torch.device("cpu"))
         lines.append(f"  the federated task (never seen), {r0.n} held-out dialogues: loss {r0.loss:.4f}, ROUGE-L "
                      f"{r0.rougeL:.2f} (simulate's round 0)")
-    lines.append(f"  used by `fedserver simulate` (preset {r['preset']}) by default; elsewhere --weights-dir {path}")
+    lines.append(f"  used by `fedserver simulate` (preset {r['preset']}) by default; elsewhere --weights-dir {shown(path)}")
     return lines

@@ -176,3 +176,14 @@ def test_an_unwritable_cache_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTUNE_CACHE", str(blocker))
     with pytest.raises(OSError, match="cannot write the pretrained base.*FEDTUNE_CACHE.*--base random"):
         base.ensure(base.Recipe(**SMALL), echo=lambda _: None)
+
+
+def test_paths_under_home_are_shown_with_a_tilde(tmp_path):
+    from pathlib import Path
+
+    from fedlab.base import shown
+
+    assert shown(Path.home() / ".cache" / "fedtune" / "base") == "~/.cache/fedtune/base"
+    outside = Path("/") / "srv" / "fedtune"
+    if not str(outside.resolve()).startswith(str(Path.home().resolve())):
+        assert shown(outside) == str(outside)
