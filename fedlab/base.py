@@ -10,9 +10,9 @@ every other loader read like real FLAN-T5.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
-import logging
 import math
 import os
 import random
@@ -33,8 +33,6 @@ from fedcore.data import train_eval_split
 from fedcore.models import count_parameters, init_model
 from fedcore.wire import digest
 from fedlab.basecorpus import BASE_PRESET, Chat, Denoising, corrupt, dialogue_corpus
-
-log = logging.getLogger("fedlab.base")
 
 INFO_FILE = "fedtune-base.json"
 
@@ -234,26 +232,44 @@ def load_state_digest(path: Path) -> str:
 
 
 def ensure(recipe: Recipe = Recipe(), echo: Callable[[str], None] = print) -> tuple[Path, BaseInfo]:
-    """The cached base, built first if missing or damaged (its weights must match the digest it was saved with)."""
+    """The cached base, built first if missing or damaged (its weights must match the digest it was saved with).
+
+    Runs started together on a fresh machine build it once: the others wait on a lock, then reuse it.
+    """
     path = cached_dir(recipe)
-    if (path / INFO_FILE).exists():
-        try:
-            info = BaseInfo.read(path)
-            if load_state_digest(path) == info.digest:
-                return path, info
-            echo(f"base: {shown(path)} does not match its recorded digest; building it again")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            echo(f"base: {shown(path)} is unreadable ({exc}); building it again")
-    echo(f"base: building the offline pretrained base ({recipe.preset}, {recipe.steps} steps on "
-         f"{recipe.threads} threads) into {shown(path)}; this is done once per machine")
     try:
-        build(recipe, path, progress_echo(recipe, echo))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / f".{path.name}.lock", "a")
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot write the pretrained base to {shown(path)} ({exc.strerror or exc}); set "
-                                 f"FEDTUNE_CACHE to a writable directory, or run with --base random") from None
-    info = BaseInfo.read(path)
+        raise _unwritable(path, exc) from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            echo(f"base: another process is building {shown(path)}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / INFO_FILE).exists():
+            try:
+                info = BaseInfo.read(path)
+                if load_state_digest(path) == info.digest:
+                    return path, info
+                echo(f"base: {shown(path)} does not match its recorded digest; building it again")
+            except Exception as exc:  # noqa: BLE001 - whatever makes a cache entry unreadable, it is rebuilt
+                echo(f"base: {shown(path)} is unreadable ({exc}); building it again")
+        echo(f"base: building the offline pretrained base ({recipe.preset}, {recipe.steps} steps on "
+             f"{recipe.threads} threads) into {shown(path)}; this is done once per machine")
+        try:
+            build(recipe, path, progress_echo(recipe, echo))
+        except OSError as exc:
+            raise _unwritable(path, exc) from None
+        info = BaseInfo.read(path)
     echo(f"base: built in {info.build_s:.0f} s, digest {info.digest[:19]}...")
     return path, info
+
+
+def _unwritable(path: Path, exc: OSError) -> OSError:
+    return OSError(exc.errno, f"cannot write the pretrained base to {shown(path)} ({exc.strerror or exc}); set "
+                              f"FEDTUNE_CACHE to a writable directory, or run with --base random")
 
 
 def progress_echo(recipe: Recipe, echo: Callable[[str], None], every_s: float = 15.0

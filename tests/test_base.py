@@ -106,7 +106,7 @@ def test_ensure_builds_once_then_reuses_and_rebuilds_a_damaged_cache(tmp_path, m
     lines: list[str] = []
     path, info = base.ensure(recipe, echo=lines.append)
     assert path.parent == tmp_path / "cache" / "base" and "building" in lines[0]
-    assert not list(path.parent.glob(".*")), "no temporary directory left behind"
+    assert not [p for p in path.parent.glob(".*") if p.is_dir()], "no temporary directory left behind"
 
     def no_build(*_a, **_k):
         raise AssertionError("an intact cached base was built again")
@@ -114,6 +114,27 @@ def test_ensure_builds_once_then_reuses_and_rebuilds_a_damaged_cache(tmp_path, m
     monkeypatch.setattr(base, "build", no_build)
     again: list[str] = []
     assert base.ensure(recipe, echo=again.append) == (path, info) and again == []
+
+    # A run that starts while another builds waits for that build, then reuses it.
+    import fcntl
+    import threading
+
+    waited: list[str] = []
+    result: list = []
+    waiting = threading.Event()
+
+    def echo(line: str) -> None:
+        waited.append(line)
+        waiting.set()
+
+    with open(path.parent / f".{path.name}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t = threading.Thread(target=lambda: result.append(base.ensure(recipe, echo=echo)))
+        t.start()
+        assert waiting.wait(timeout=60)
+        assert waited == [f"base: another process is building {base.shown(path)}; waiting for it"] and not result
+    t.join(timeout=60)
+    assert result == [(path, info)]
 
     weights = path / "model.safetensors"
     raw = bytearray(weights.read_bytes())
