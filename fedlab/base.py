@@ -231,8 +231,10 @@ def load_state_digest(path: Path) -> str:
     return digest(T5ForConditionalGeneration.from_pretrained(path, local_files_only=True).state_dict())
 
 
-def ensure(recipe: Recipe = Recipe(), echo: Callable[[str], None] = print) -> tuple[Path, BaseInfo]:
-    """The cached base, built first if missing or damaged (its weights must match the digest it was saved with).
+def ensure(recipe: Recipe = Recipe(), echo: Callable[[str], None] = print, force: bool = False
+           ) -> tuple[Path, BaseInfo]:
+    """The cached base, built first if missing, damaged (its weights must match the digest it was saved with)
+    or ``force``d.
 
     Runs started together on a fresh machine build it once: the others wait on a lock, then reuse it.
     """
@@ -248,7 +250,7 @@ def ensure(recipe: Recipe = Recipe(), echo: Callable[[str], None] = print) -> tu
         except BlockingIOError:
             echo(f"base: another process is building {shown(path)}; waiting for it")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if (path / INFO_FILE).exists():
+        if (path / INFO_FILE).exists() and not force:
             try:
                 info = BaseInfo.read(path)
                 if load_state_digest(path) == info.digest:

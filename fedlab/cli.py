@@ -31,13 +31,12 @@ def cmd_base(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_level)
     echo = lambda line: print(line, flush=True)  # noqa: E731
-    if args.out is not None or args.force:
-        path = args.out or base.cached_dir()
-        echo(f"base: building the offline pretrained base into {path}")
-        base.build(out=path, progress=base.progress_echo(base.Recipe(), echo))
+    if args.out is not None:
+        echo(f"base: building the offline pretrained base into {args.out}")
+        path = base.build(out=args.out, progress=base.progress_echo(base.Recipe(), echo))
         info = base.BaseInfo.read(path)
-    else:
-        path, info = base.ensure(echo=echo)
+    else:  # the cache: under its lock, so that a run starting meanwhile waits for this build
+        path, info = base.ensure(echo=echo, force=args.force)
     for line in base.describe(path, info, held_out=args.eval_size):
         echo(line)
     return 0

@@ -114,6 +114,8 @@ def test_ensure_builds_once_then_reuses_and_rebuilds_a_damaged_cache(tmp_path, m
     monkeypatch.setattr(base, "build", no_build)
     again: list[str] = []
     assert base.ensure(recipe, echo=again.append) == (path, info) and again == []
+    with pytest.raises(AssertionError, match="built again"):
+        base.ensure(recipe, echo=again.append, force=True)  # `fedserver base --force`
 
     # A run that starts while another builds waits for that build, then reuses it.
     import fcntl
