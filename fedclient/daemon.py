@@ -34,7 +34,7 @@ from .metrics import DeviceStats, client_registry
 from .feedback import load_residual, save_residual
 from .statedir import LinkRates, PendingUpload, StateDir
 from .trainer import TrainSettings, train_local
-from .transfer import Limits, TransferStats, fetch, upload
+from .transfer import Limits, TransferStats, fetch, upload, upload_seeds
 
 # The server turned down a task-level request (round closed, task not ours): drop that work, keep serving.
 TASK_GONE = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
@@ -281,7 +281,7 @@ class Daemon:
         self.stats.round = task.round
         self.phase = f"round {task.round}: downloading"
         cached = self.base is not None and self.base_version == task.model_version
-        t_down, bytes_down, link_down_bps, deltas = 0.0, 0, 0.0, 0
+        t_down, bytes_down, link_down_bps, deltas, replayed, replay_s = 0.0, 0, 0.0, 0, 0, 0.0
         if not cached:
             if not self.base_exact:
                 self.base, self.base_version = None, ""  # nothing a delta could start from: free it first
@@ -298,6 +298,8 @@ class Daemon:
             except WireError as exc:
                 # A model that fails its check from a fresh download (a partial kept on disk was already
                 # retried from scratch): the server's or the link's fault, not a reason to exit and restart-loop.
+                # What is held is no longer trusted as a base either.
+                self.base, self.base_version, self.base_exact = None, "", False
                 self._failed_downloads += 1
                 log.error("round %d: the model %s... from the server failed its check (%s); dropping the task",
                           task.round, task.model_version[:19], exc)
@@ -310,17 +312,22 @@ class Daemon:
             # The largest download seen sizes the next first attempt's deadline (a delta is smaller than the
             # full model that may come next; too long a deadline is harmless, the stall watchdog still acts).
             self._last_down_bytes = max(self._last_down_bytes, bytes_down)
+            replayed, replay_s = dstats.replayed, dstats.replay_s
             how = f" as {deltas} broadcast delta(s), digest checked" if deltas else (
-                " as its trainable tensors only, digest checked" if dstats.patched else "")
+                " as its trainable tensors only, digest checked" if dstats.patched else (
+                    f" as {replayed} round(s) of seeds, replayed in {replay_s:.2f} s, digest checked" if replayed
+                    else ""))
             log.info("round %d: downloaded %.2f MB in %.2f s (%d attempts)%s", task.round, bytes_down / 1e6, t_down,
                      dstats.attempts, how)
         trainee = self._load_global(work.method)
         settings, batch = work.settings, work.settings.batch_size
         self.phase = f"round {task.round}: training"
+        # A method whose update is (seed, scalar) pairs trains by its own forward-only steps.
+        estimator = trainee.start(settings.seed) if trainee.update_form == "seeds" else None
         meter = power.PowerMeter(self.power_source, hz=self.cfg.power_hz).start()
         try:
             result = train_local(self.model, self.tokenizer, self.examples, settings, self.device,
-                                 weight_grads=trainee.weight_grads)
+                                 weight_grads=trainee.weight_grads, zero_order=estimator)
         finally:
             reading = meter.stop()
         hw = figures(result.tokens, result.t_comp_s, result.model_flops, self.hardware.peak_flops, reading)
@@ -332,7 +339,7 @@ class Daemon:
         up, spec = task.upload, work.spec
         state, aliases = trainee.update_state()
         residual = None
-        if spec.payload == "delta":
+        if spec.payload == "delta" and trainee.update_form == "tensors":
             state = subtract(state, self.base)
             if up.error_feedback:
                 state, _, residual = self.feedback.compensate(state, spec.encoding_id, spec.block_size,
@@ -341,6 +348,8 @@ class Daemon:
         extra = {"tokens_per_s": result.tokens_per_s, "steps": float(result.steps), "batch_size": float(batch),
                  "compute_slowdown": self.cfg.compute_slowdown, "emulated_sleep_s": result.emulated_sleep_s,
                  "download_deltas": float(deltas)}
+        if replayed:
+            extra.update(download_replayed_rounds=float(replayed), replay_s=replay_s)
         if link_down_bps > 0:
             # Link rates as this device measured them, for the server's link-aware encoding choice.
             extra["link_down_bps"] = link_down_bps
@@ -353,7 +362,8 @@ class Daemon:
                    "extra": extra, "power_source": hw["power_source"] or "", "hardware": self.hardware.name}
         pending = PendingUpload(task_id=task.task_id, round=task.round, base_version=task.model_version,
                                 num_samples=result.samples, spec=asdict(spec), metrics=metrics,
-                                deadline_unix=task.deadline_unix if math.isfinite(task.deadline_unix) else 0.0)
+                                deadline_unix=task.deadline_unix if math.isfinite(task.deadline_unix) else 0.0,
+                                form=trainee.update_form)
         if self.disk is not None:
             # On disk before the first byte leaves: a restart delivers this update instead of training again,
             # and commits the error-feedback residual that goes with it once the server holds it. A state dir
@@ -413,8 +423,12 @@ class Daemon:
                                  num_samples=pending.num_samples)
         self.phase = f"round {pending.round}: uploading"
         try:
-            reply, ustats = upload(stub, header, state, spec, self._limits("up", pending.deadline_unix),
-                                   self._backoff, resume=resume, on_progress=self._beat)
+            limits = self._limits("up", pending.deadline_unix)
+            if pending.form == "seeds":
+                reply, ustats = upload_seeds(stub, header, state, limits, self._backoff, resume=resume)
+            else:
+                reply, ustats = upload(stub, header, state, spec, limits, self._backoff, resume=resume,
+                                       on_progress=self._beat)
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
             if code not in TASK_GONE:
@@ -429,9 +443,11 @@ class Daemon:
             self._drop_unsent()
             return None
         if ustats.attempts:
-            log.info("round %d: uploaded %.2f MB (%s %s/%s) in %.2f s (+%.3f s server ack), %d attempts, "
-                     "%d bytes re-sent", pending.round, ustats.bytes / 1e6, spec.payload, spec.encoding, spec.codec,
-                     ustats.seconds, ustats.wait_s, ustats.attempts, ustats.bytes_resent)
+            what = ("(seed, value) pairs" if pending.form == "seeds"
+                    else f"{spec.payload} {spec.encoding}/{spec.codec}")
+            log.info("round %d: uploaded %s bytes (%s) in %.2f s (+%.3f s server ack), %d attempts, "
+                     "%d bytes re-sent", pending.round, f"{ustats.bytes:,}", what, ustats.seconds, ustats.wait_s,
+                     ustats.attempts, ustats.bytes_resent)
         else:
             log.info("round %d: the server already held the whole update of task %s", pending.round,
                      pending.task_id[:8])

@@ -241,6 +241,7 @@ class PendingUpload:
     digest: str = ""  # of the tensors as saved; checked when loaded
     # Once the server acknowledged the update: what the upload measured (UploadFigures), for the metrics report.
     sent: dict[str, float] | None = None
+    form: str = "tensors"  # the method's update form: "tensors" stream in chunks, "seeds" go as one SeedUpdate
 
 
 FIGURES = ("measured", "bytes", "seconds", "wait_s", "attempts", "bytes_resent")

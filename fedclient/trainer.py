@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from fedcore.batching import IGNORE_INDEX, Batch, EncodedExample, encode_examples, iterate_batches
 from fedcore.data import Example
-from fedcore.flops import T5Shape, training_flops
+from fedcore.flops import T5Shape, forward_flops, training_flops
+from fedcore.methods.zeroorder import Estimator
 
 
 @dataclass
@@ -110,13 +111,17 @@ def train_local(
     settings: TrainSettings,
     device: torch.device,
     weight_grads: bool = True,
+    zero_order: Estimator | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` in place with AdamW; returns timings and losses. Leaves it in eval().
 
     The parameters that require grad train (the method's Trainee set them);
     ``weight_grads`` False says the model's own weights are frozen (only
     adapters learn), so the backward pass skips their gradients in the FLOP
-    count.
+    count. With ``zero_order`` the steps are that estimator's forward-only
+    ones instead (dropout off, no optimizer; fedcore.methods.zeroorder): its
+    forward passes count as forward time, its perturbations as optimizer
+    step time.
 
     The optimizer is created fresh per call (FedAvg clients keep no state
     between rounds). Dropout is seeded from ``settings.seed``, so callers
@@ -132,8 +137,9 @@ def train_local(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = encode_examples(tokenizer, examples, settings.max_input_tokens, settings.max_target_tokens)
     model.to(device)
-    model.train()
-    optimizer = make_optimizer(model, settings)
+    model.train(zero_order is None)
+    optimizer = make_optimizer(model, settings) if zero_order is None else None
+    params = [(n, p.data) for n, p in model.named_parameters() if p.is_floating_point()]
 
     times = StepTimes()
     losses: list[float] = []
@@ -146,14 +152,18 @@ def train_local(
         torch.manual_seed(settings.seed)
         while settings.local_steps <= 0 or times.steps < settings.local_steps:
             t_step = time.perf_counter()
-            done = timed_step(model, optimizer, batches, device, times)
+            if zero_order is None:
+                done = timed_step(model, optimizer, batches, device, times)
+            else:
+                done = zero_order_step(model, zero_order, params, batches, device, times)
             if done is None:
                 break
-            host_batch, loss = done
+            host_batch, loss, forwards = done
             losses.append(loss)
             samples += host_batch.n_examples
             tokens += host_batch.n_tokens
-            model_flops += batch_flops(shape, host_batch, weight_grads)
+            model_flops += (batch_flops(shape, host_batch, weight_grads) if forwards is None
+                            else batch_forward_flops(shape, host_batch, *forwards))
             if settings.compute_slowdown > 1.0:
                 # EMULATED slower device: sleep (factor - 1) x the step's measured time.
                 pause = (settings.compute_slowdown - 1.0) * (time.perf_counter() - t_step)
@@ -190,8 +200,8 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
 
 
 def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch],
-               device: torch.device, times: StepTimes) -> tuple[Batch, float] | None:
-    """One training step, each phase timed into ``times``; (host batch, loss), or None when out of batches."""
+               device: torch.device, times: StepTimes) -> tuple[Batch, float, None] | None:
+    """One training step, each phase timed into ``times``; (host batch, loss, None), or None when out of batches."""
     t0 = time.perf_counter()
     host_batch = next(batches, None)
     if host_batch is None:
@@ -223,7 +233,37 @@ def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     times.backward_s += t4 - t3
     times.optimizer_step_s += t5 - t4
     times.steps += 1
-    return host_batch, float(loss.detach())
+    return host_batch, float(loss.detach()), None
+
+
+def zero_order_step(model: torch.nn.Module, estimator: Estimator, params: list[tuple[str, torch.Tensor]],
+                    batches: Iterator[Batch], device: torch.device, times: StepTimes
+                    ) -> tuple[Batch, float, tuple[int, int]] | None:
+    """One zero-order step, timed into ``times``; (host batch, loss, forward passes per block), or None."""
+    t0 = time.perf_counter()
+    host_batch = next(batches, None)
+    if host_batch is None:
+        return None
+    batch = host_batch.to(device)
+    synchronize(device)
+    times.batch_loading_s += time.perf_counter() - t0
+    with torch.no_grad():
+        loss, cost = estimator.step(model, params, batch, lambda: synchronize(device))
+    times.forward_s += cost.forward_s
+    times.optimizer_step_s += cost.perturb_s
+    times.steps += 1
+    return host_batch, loss, (cost.first_forwards, cost.second_forwards)
+
+
+def batch_forward_flops(shape: T5Shape, batch: Batch, encoder_passes: int, decoder_passes: int) -> float:
+    """Model FLOPs of a step of forward passes only: each example's encoder and decoder passes at its lengths."""
+    in_lens = batch.attention_mask.sum(dim=1).tolist()
+    tgt_lens = (batch.labels != IGNORE_INDEX).sum(dim=1).tolist()
+    total = 0.0
+    for s, t in zip(in_lens, tgt_lens):
+        enc, dec = forward_flops(shape, s, t)
+        total += encoder_passes * enc + decoder_passes * dec
+    return total
 
 
 def batch_flops(shape: T5Shape, batch: Batch, weight_grads: bool = True) -> float:

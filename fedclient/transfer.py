@@ -11,6 +11,7 @@ import grpc
 import torch
 
 from fedcore.channel import UPLOAD_RESTART_HINT
+from fedcore.methods.zeroorder import SeedPairs, replay
 from fedcore.wire import StateEncoder, StateReceiver, TransferSpec, WireError, digest
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -54,6 +55,8 @@ class TransferStats:
     exact: bool = False  # download: bit-exact (lossless encoding, or a digest-checked delta)
     deltas: int = 0      # download: broadcast deltas applied
     patched: bool = False  # download: only the tensors that changed (LoRA's B) arrived, applied to the held version
+    replayed: int = 0    # download: rounds of zero-order seeds replayed onto the held version
+    replay_s: float = 0.0  # download: seconds spent replaying them (computation, not in `seconds`)
 
     @property
     def bytes_per_s(self) -> float:
@@ -153,7 +156,7 @@ def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: st
         except WireError as exc:
             # "base": what arrived does not fit the held version (names, shapes); like a failed digest, the
             # held copy is no use for this version, but the full model still is.
-            if not have or exc.kind not in ("digest", "base"):
+            if not have or exc.kind not in ("digest", "base", "payload"):
                 raise
             log.warning("download against the held %s... (delta or patch) failed its check (%s); fetching the full "
                         "model", have[7:19], exc)
@@ -164,6 +167,8 @@ def fetch(stub: pbg.FederationStub, device_id: str, session_id: str, version: st
         total.attempts += st.attempts
         total.stalls += st.stalls
         total.deltas += st.deltas
+        total.replayed += st.replayed
+        total.replay_s += st.replay_s
         total.patched = total.patched or st.patched
         state, have, total.exact = state_, st.version, st.exact
         if have == version:
@@ -219,6 +224,11 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
             progress: Progress | None = None
             for msg in stream:
                 dog.poke()
+                if msg.WhichOneof("body") == "replay":
+                    if base is None or receiver is not None:
+                        raise WireError("payload", "the server sent a seed replay, but this device holds no model "
+                                                   "or is receiving one")
+                    return _replayed(msg, base, base_version, stats, t0)
                 if msg.WhichOneof("body") == "manifest":
                     m = msg.manifest
                     if receiver is None:
@@ -270,6 +280,20 @@ def download(stub: pbg.FederationStub, device_id: str, session_id: str, version:
             backoff(failures)
         finally:
             dog.close()
+
+
+def _replayed(msg: pb.DownloadMessage, base: Mapping[str, torch.Tensor], base_version: str, stats: TransferStats,
+              t0: float) -> tuple[dict[str, torch.Tensor], TransferStats]:
+    """The version a seed replay leads to; the transfer's time and the replay's computation apart."""
+    stats.seconds = time.perf_counter() - t0
+    stats.bytes = msg.ByteSize()
+    t1 = time.perf_counter()
+    state, version = replay(base, msg.replay, base_version)
+    stats.replay_s = time.perf_counter() - t1
+    stats.version, stats.exact, stats.replayed = version, True, len(msg.replay.rounds)
+    log.info("replayed %d round(s) of seeds (%d directions) onto %s... in %.2f s: digest checked",
+             stats.replayed, sum(len(r.seeds) for r in msg.replay.rounds), base_version[7:19], stats.replay_s)
+    return state, stats
 
 
 def _download_again(exc: WireError, from_disk: bool) -> bool:
@@ -435,6 +459,51 @@ def upload(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str
         budget.heard(start)
         budget.check(GaveUp(f"upload incomplete after {stats.attempts} attempts; the server holds up to "
                             f"{_pos(start)}"))
+
+
+def upload_seeds(stub: pbg.FederationStub, header: pb.UploadHeader, state: Mapping[str, torch.Tensor],
+                 limits: Limits, backoff: Callable[[int], None], resume: bool = False
+                 ) -> tuple[pb.UploadReply, TransferStats]:
+    """Send a zero-order update (its pairs in tensor form) as one message; retried whole, as the chunked
+    upload is, within the same budget. After a restart the server is asked first whether it holds it."""
+    h = pb.UploadHeader()
+    h.CopyFrom(header)
+    SeedPairs.from_tensors(state).to_proto(h.seeds)
+    stats = TransferStats()
+    if resume:
+        known = _resume_point(stub, header)
+        if known is not None and known[1]:
+            return pb.UploadReply(complete=True), stats
+    budget = _Budget(limits)
+    size = pb.UploadMessage(header=h).ByteSize()
+    t0 = time.perf_counter()
+    while True:
+        stats.attempts += 1
+        try:
+            reply = stub.Upload(iter([pb.UploadMessage(header=h)]), timeout=limits.deadline(size) or limits.floor_s,
+                                wait_for_ready=True)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            stats.bytes += size
+            if stats.attempts > 1:
+                stats.bytes_resent += size
+            if code not in RETRYABLE:
+                raise
+            log.warning("seed upload failed (%s: %s); %s", code.name, exc.details(),  # type: ignore[attr-defined]
+                        budget.failed(code))
+            known = _resume_point(stub, header)
+            if known is not None and known[1]:
+                stats.seconds = time.perf_counter() - t0
+                return pb.UploadReply(complete=True), stats
+            budget.check(exc)
+            backoff(budget.attempt)
+            continue
+        stats.bytes += size
+        if stats.attempts > 1:
+            stats.bytes_resent += size
+        # One message: handing it over and the server's answer cannot be told apart; all of it is the upload.
+        stats.seconds = time.perf_counter() - t0
+        return reply, stats
 
 
 class _Budget:

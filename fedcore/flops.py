@@ -98,6 +98,24 @@ def training_flops(shape: T5Shape, input_len: float, target_len: float, weight_g
     return matmuls + attention
 
 
+def forward_flops(shape: T5Shape, input_len: float, target_len: float) -> tuple[float, float]:
+    """Model FLOPs of one forward pass on one example, split (encoder, decoder with lm_head).
+
+    The forward third of :func:`training_flops`: 2 per multiply-add, and the
+    attention's 4·a per score. The cross-attention's k and v projections of
+    the encoder tokens belong to the decoder. Zero-order methods count their
+    work in these (a step is forward passes only; FedSPZO runs the two parts
+    different numbers of times).
+    """
+    d, a, f, V = shape.d_model, shape.attn_width, shape.d_ff, shape.vocab_size
+    le, ld, m = shape.num_layers, shape.num_decoder_layers, shape.ffn_matrices
+    S, T = float(input_len), float(target_len)
+    encoder = 2 * S * le * (4 * d * a + m * d * f) + 4 * a * le * S * S
+    decoder = (2 * (S * ld * 2 * d * a + T * (ld * (6 * d * a + m * d * f) + d * V))
+               + 4 * a * (ld * T * T + ld * T * S))
+    return encoder, decoder
+
+
 def flops_per_token(shape: T5Shape, input_len: float, target_len: float) -> float:
     """Training FLOPs per (input + target) token for examples of these lengths."""
     if input_len + target_len <= 0:

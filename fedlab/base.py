@@ -159,7 +159,7 @@ def pretrain(recipe: Recipe, progress: Callable[[int, float, float], None] | Non
     times = StepTimes()
     loss = float("nan")
     for step in range(recipe.steps):
-        _, loss = timed_step(model, opt, stream, torch.device("cpu"), times)
+        _, loss, _ = timed_step(model, opt, stream, torch.device("cpu"), times)
         sched.step()
         if progress:
             progress(step + 1, loss, times.total_s)

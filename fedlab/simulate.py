@@ -451,7 +451,7 @@ def _wire(cfg: SimulateConfig) -> str:
     up = f"up {c.upload_encoding}/{c.upload_codec} {c.upload_payload}" + (" +EF" if c.error_feedback else "")
     if c.link_aware:
         up += " (link-aware)"
-    method = c.method()
+    method = c.build_method()
     if method.patches_trainable:
         note = method.summary_note.strip()
         return f"{method.describe()}: {down} ({note} after the first), {up} ({note})"

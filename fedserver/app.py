@@ -79,7 +79,7 @@ def build_coordinator(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], No
         # Evaluation of a big model can outlast the watchdog; each forward pass shows it is progressing.
         model.register_forward_pre_hook(lambda *_: heartbeat())
     evaluator = make_evaluator(cfg, model) if cfg.eval_size > 0 else None
-    method = cfg.method()
+    method = cfg.build_method()
     state = method.init_global(model.state_dict(), cfg.seed)
     trainable = method.trainable(state)
     if trainable is not None:

@@ -5,12 +5,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.config import ConfigError, check_fields, check_preset, check_weights_dir, described
-from fedcore.methods import FfaLora, FullFineTuning, Method
+from fedcore.methods import ZERO_ORDER, FfaLora, FullFineTuning, Method
 from fedcore.methods.lora import LoraSpec, parse_targets
+from fedcore.methods.zeroorder import T5_SECOND_BLOCK, ZeroOrderSpec
 from fedcore.wire import TransferSpec
 from fedcore.wire.formats import CODECS, ENCODINGS
 
 STRATEGIES = ("fedavg", "fedadam", "fedadamw", "fedyogi")
+METHOD_CHOICES = ("auto", "full", "lora", *ZERO_ORDER)
 ROUND_POLICIES = ("steps", "samples", "time")
 PAYLOADS = ("weights", "delta")
 WIRE_ENCODINGS = tuple(e for e in ENCODINGS if e != "raw")
@@ -60,6 +62,9 @@ class ServerConfig:
                                                                       "expected times (capped by round_deadline_s)"))
     deadline_safety: float = field(default=3.0, metadata=described("deadline = this x the slowest expected time", ge=1))
     deadline_floor_s: float = field(default=60.0, metadata=described("shortest deadline derived from estimates", gt=0))
+    method: str = field(default="auto", metadata=described(
+        "fine-tuning method: full, lora (FFA-LoRA), mezo, fedkseed or fedspzo (zero-order: forward passes only, "
+        "updates of a few KB); 'auto': lora when lora_rank > 0, else full", choices=METHOD_CHOICES))
     # LoRA (FFA-LoRA: A frozen at a shared init, only B trained, uploaded and averaged)
     lora_rank: int = field(default=0, metadata=described("LoRA rank r; devices train and upload only the adapters' B "
                                                          "matrices (0: full fine-tuning)", ge=0, le=4096))
@@ -69,6 +74,17 @@ class ServerConfig:
                                                                 "q, k, v, o, wi_0, wi_1, wo, lm_head"))
     lora_dropout: float = field(default=0.0, metadata=described("dropout on the adapters' input in local training",
                                                                 ge=0, lt=1))
+    # zero-order methods (docs/explanation/zero-order.md); learning_rate is their step size too
+    zo_eps: float = field(default=1e-3, metadata=described("zero-order: perturbation scale eps", gt=0, lt=1))
+    zo_perturbations: int = field(default=1, metadata=described(
+        "zero-order: directions per local step (fedspzo: of the first block, P1)", ge=1, le=1024))
+    zo_pool_size: int = field(default=4096, metadata=described(
+        "fedkseed: K, the candidate seeds of the run (the paper's default)", ge=1, le=1 << 24))
+    zo_second_block: str = field(default=",".join(T5_SECOND_BLOCK), metadata=described(
+        "fedspzo: tensor-name prefixes of the second block, comma-separated (the first block is the rest: the "
+        "encoder and the shared embedding)"))
+    zo_second_perturbations: int = field(default=4, metadata=described(
+        "fedspzo: directions of the second block per local step (P2)", ge=1, le=1024))
     # aggregation
     strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi",
                                                                choices=STRATEGIES))
@@ -209,14 +225,51 @@ class ServerConfig:
         self.validate_security()
 
     def validate_method(self) -> None:
-        method = self.method()
-        method.validate()
-        method.check_transfers(self.download_payload, self.download_encoding)
+        method = self.build_method()
+        try:
+            method.validate()
+            method.check_transfers(self.download_payload, self.download_encoding)
+        except ValueError as exc:
+            raise ConfigError(str(exc), "method") from None
+        if self.method in ZERO_ORDER:
+            self.validate_zero_order()
 
-    def method(self) -> Method:
+    def validate_zero_order(self) -> None:
+        """Settings a zero-order run cannot honour, refused by name rather than ignored."""
+        if self.lora_rank:
+            raise ConfigError(f"method {self.method!r} tunes every weight: set lora_rank = 0", "lora_rank")
+        if self.strategy != "fedavg" or self.server_lr is not None:
+            # An adaptive server step moves each weight by its own factor: no longer a sum of seeded directions,
+            # so devices could not replay it from the seeds.
+            raise ConfigError(f"method {self.method!r} needs strategy = 'fedavg' without server_lr: devices catch up "
+                              f"by replaying the round's seeded steps, which an adaptive server step is not",
+                              "strategy")
+        moved = [name for name, default in (("upload_encoding", "fp32"), ("upload_payload", "weights"),
+                                            ("upload_codec", "none"), ("error_feedback", False),
+                                            ("link_aware", False)) if getattr(self, name) != default]
+        if moved:
+            raise ConfigError(f"method {self.method!r} uploads (seed, scalar) pairs, not tensors: "
+                              f"{', '.join(moved)} do not apply; leave them unset", moved[0])
+
+    def build_method(self) -> Method:
         """The fine-tuning method these settings ask for (fedcore.methods)."""
+        if self.method in ZERO_ORDER:
+            return ZERO_ORDER[self.method](self.zo_spec())
         spec = self.lora_spec()
+        if self.method == "lora" and spec is None:
+            raise ConfigError("method 'lora' needs lora_rank > 0", "lora_rank")
+        if self.method == "full" and spec is not None:
+            raise ConfigError(f"method 'full' with lora_rank {self.lora_rank}: set method = 'lora' or 'auto', or "
+                              f"lora_rank = 0", "method")
         return FfaLora(spec) if spec is not None else FullFineTuning()
+
+    def zo_spec(self) -> ZeroOrderSpec:
+        """The zero-order methods' settings (used when method is one of them)."""
+        return ZeroOrderSpec(
+            learning_rate=self.learning_rate, eps=self.zo_eps, perturbations=self.zo_perturbations,
+            pool_size=self.zo_pool_size if self.method == "fedkseed" else 0, pool_seed=self.seed,
+            second_block=parse_targets(self.zo_second_block) if self.method == "fedspzo" else (),
+            second_perturbations=self.zo_second_perturbations if self.method == "fedspzo" else 0)
 
     def lora_spec(self) -> LoraSpec | None:
         """The adapters' settings, or None for full fine-tuning."""

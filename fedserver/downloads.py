@@ -1,7 +1,9 @@
 """Download planning: what a device holding version v is sent to reach the current version.
 
-In order of preference: only the trainable tensors, put into the version it
-holds (a method whose versions share every frozen tensor, such as LoRA);
+In order of preference: for a zero-order method, the seeds of every round
+since the version it holds (a few KB a round, replayed by the device);
+only the trainable tensors, put into the version it holds (a method whose
+versions share every frozen tensor, such as LoRA);
 the chain of broadcast deltas the model kept (`download_payload = "delta"`)
 while it costs less than the model; else the full model. Every path ends
 on the version's digest, which the device checks. Encoders are built once a
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from fedcore import directions
 from fedcore.wire import FrozenStream, StateEncoder, TransferSpec, codec_name, encoding_name
 from fedtune.v1 import fedtune_pb2 as pb
 
@@ -29,13 +32,20 @@ class DownloadPlanner:
         self._sent_lock = threading.Lock()
         self._sent: dict[tuple[str, str], tuple[set[tuple[str, int]], list[int]]] = {}
 
-    def encoder(self, device_id: str, encoding: int, codec: int, base_version: str = "") -> StateEncoder | FrozenStream:
+    def encoder(self, device_id: str, encoding: int, codec: int, base_version: str = ""
+                ) -> StateEncoder | FrozenStream | pb.SeedReplay:
         """What a download of the current version streams to a device that holds `base_version` ("" none)."""
         m = self.model
         if self._encoders and next(iter(self._encoders))[0] != m.version:
             self._encoders.clear()  # a new version: the old encoders serve nobody now
         spec = self.spec
         codec_ = spec.codec if codec == pb.CODEC_UNSPECIFIED else codec_name(codec)
+        if base_version and base_version != m.version and m.method.update_form == "seeds":
+            replay = self.replay(base_version)
+            if replay is not None:
+                return replay
+            log.info("download for %s: full model; its version %s... is not one of this run's", device_id,
+                     base_version[7:19])
         if base_version and base_version != m.version:
             if self._patchable(base_version):
                 return self._trainable_patch(device_id, base_version, codec_)
@@ -52,9 +62,27 @@ class DownloadPlanner:
             self._encoders[key] = enc
         return enc
 
+    def replay(self, base: str) -> pb.SeedReplay | None:
+        """The seeds that take a device holding `base` to the current version; None when base is not in the run."""
+        m = self.model
+        chain = m.seeds.chain(base, m.version)
+        if not chain:
+            return None
+        msg = pb.SeedReplay(base_version=base, second_block=list(m.method.spec.second_block),
+                            directions=directions.SCHEME)
+        for st in chain:
+            r = msg.rounds.add(round=st.round, version=st.target)
+            r.seeds[:], r.values[:] = st.pairs.seeds, st.pairs.values
+            r.blocks[:] = st.pairs.blocks if any(st.pairs.blocks) else []
+        return msg
+
     def expected_bytes(self, base_version: str) -> int:
         """Wire bytes (before compression) a device holding `base_version` will download, at most the model's."""
         m = self.model
+        if base_version and m.method.update_form == "seeds":
+            replay = self.replay(base_version)
+            if replay is not None:
+                return replay.ByteSize()
         full = m.wire_bytes(self.spec)
         if base_version and self._patchable(base_version):
             return m.wire_bytes(self.spec, m.trainable())

@@ -24,6 +24,7 @@ from fedcore.channel import UPLOAD_RESTART_HINT
 from fedcore.clock import Clock
 from fedcore.methods import UpdateInvalid
 from fedcore.methods.base import update_norm
+from fedcore.methods.zeroorder import SeedPairs
 from fedcore.tensorfile import DiskFullError, map_tensors
 from fedcore.wire import StateReceiver, WireError, check_manifest, unique_tensors
 from fedtune.v1 import fedtune_pb2 as pb
@@ -73,6 +74,14 @@ class UploadIntake:
 
     def open(self, cur: RoundState | None, h: pb.UploadHeader, last_round: int) -> UploadSession:
         """Start or resume the upload `h` describes, checking it belongs to round `cur`; the caller holds the lock."""
+        a = self.check_task(cur, h, last_round)
+        if self.model.method.update_form != "tensors":
+            raise RoundError("invalid", f"this run's method ({self.model.method.describe()}) takes (seed, value) "
+                                        f"pairs in UploadHeader.seeds, not a manifest and chunks")
+        return self._open(cur, a, h)
+
+    def check_task(self, cur: RoundState | None, h: pb.UploadHeader, last_round: int) -> Assignment:
+        """The assignment `h` is an update for, in the open round; RoundError otherwise (the caller holds the lock)."""
         if cur is None or cur.closed or cur.number != h.round:
             raise RoundError("precondition", f"round {h.round} is not open for uploads "
                                              f"(current round {cur.number if cur else last_round}, "
@@ -91,6 +100,9 @@ class UploadIntake:
                                              f"{cur.number} is on {cur.version[:19]}...")
         if h.num_samples <= 0:
             raise RoundError("invalid", f"num_samples must be positive, got {h.num_samples}")
+        return a
+
+    def _open(self, cur: RoundState, a: Assignment, h: pb.UploadHeader) -> UploadSession:
         sess = self.sessions.get(h.task_id)
         start = (h.start.tensor_index, h.start.offset) if h.HasField("start") else (0, 0)
         if sess is not None:
@@ -176,6 +188,42 @@ class UploadIntake:
         return RoundError("exhausted", f"server staging dir {self.staging} is full: {exc}; keep the update "
                                        f"and retry later")
 
+    def take_seeds(self, cur: RoundState | None, h: pb.UploadHeader, last_round: int) -> str:
+        """Validate a zero-order update and count it in the round; its digest. The caller holds the lock: the
+        update is a few KB, checked and kept in memory at once (a crash reruns the round, as for staged files)."""
+        a = self.check_task(cur, h, last_round)
+        assert cur is not None
+        method = self.model.method
+        if method.update_form != "seeds":
+            raise RoundError("invalid", f"this run's method ({method.describe()}) takes tensor uploads (a manifest "
+                                        f"and chunks), not (seed, value) pairs")
+        if a.task_id in self.sessions:  # a chunked upload for the task cannot be going on: refuse both forms
+            del self.sessions[a.task_id]
+        weight, cut = self.bounded_weight(cur, a, h.num_samples)
+        pairs = SeedPairs.from_proto(h.seeds)
+        bound, _ = weight_bound(a, self.cfg.batch_size, self.cfg.local_epochs)
+        max_steps = a.local_steps if a.local_steps > 0 and not a.local_samples else bound  # a step takes >= 1 sample
+        try:
+            method.check_pairs(pairs, max_steps)
+        except UpdateInvalid as exc:
+            self._refuse(a, cur.number, str(exc))
+        norm = method.update_norm(pairs, self.model.state)
+        bound_norm, clip = self.cfg.max_update_norm, self.cfg.clip_update_norm
+        if not math.isfinite(norm) or (bound_norm > 0 and norm > bound_norm):
+            self._refuse(a, cur.number, f"update norm {norm:.4g} (learning_rate x the directions' length) exceeds "
+                                        f"max_update_norm {bound_norm:g}")
+        a.clip_scale = clip / norm if clip > 0 and norm > clip else 1.0
+        a.seeds = pairs
+        a.status = "aggregated"
+        a.claimed_samples, a.num_samples, a.weight_cut = h.num_samples, weight, cut
+        a.bytes_in += h.seeds.ByteSize()
+        a.done_at = self.clock.monotonic()
+        self.trained_on[a.device_id] = cur.version
+        self.lock.notify_all()
+        log.info("round %d: update from %s: %d (seed, value) pairs over %d steps, %d bytes (%d samples)", cur.number,
+                 a.device_id, len(pairs.seeds), pairs.steps, h.seeds.ByteSize(), a.num_samples)
+        return pairs.digest()
+
     @property
     def max_update_bytes(self) -> int:
         return self.cfg.max_update_bytes if self.cfg.max_update_bytes > 0 else self.model.max_update_bytes()
@@ -234,14 +282,17 @@ class UploadIntake:
 
     def refuse(self, sess: UploadSession, reason: str, code: str = "invalid") -> None:
         """Refuse the task's update for good: logged with the reason, the round goes on without it."""
-        a = sess.assignment
         with self.lock:
             if self.sessions.get(sess.header.task_id) is sess:
                 del self.sessions[sess.header.task_id]
-            if not a.settled:
-                a.status, a.reason = "refused", reason[:500]
-            self.lock.notify_all()
-        log.warning("round %d: update from %s refused: %s", sess.header.round, a.device_id, reason)
+            self._refuse(sess.assignment, sess.header.round, reason, code)
+
+    def _refuse(self, a: Assignment, rnd: int, reason: str, code: str = "invalid") -> None:
+        """`refuse` once the caller holds the lock."""
+        if not a.settled:
+            a.status, a.reason = "refused", reason[:500]
+        self.lock.notify_all()
+        log.warning("round %d: update from %s refused: %s", rnd, a.device_id, reason)
         raise UpdateRefused(code, f"update refused: {reason}")
 
     def fold(self, cur: RoundState) -> None:
@@ -254,6 +305,13 @@ class UploadIntake:
         """
         glob = self.model.trainable()
         for a in sorted(cur.aggregated, key=lambda a: a.device_id):
+            if a.seeds is not None:
+                p = a.seeds
+                cur.mean.add({(b, k): v * a.clip_scale for k, v, b in zip(p.seeds, p.values, p.blocks)},
+                             float(a.num_samples))
+                if self.cfg.save_updates:
+                    self._save_update(cur.number, a.device_id, p.to_tensors(), a.num_samples, False)
+                continue
             assert a.staged is not None and a.manifest is not None
             layouts = check_manifest(a.manifest)
             update = map_tensors(a.staged, [(lay.name, lay.dtype, lay.shape) for lay in layouts])

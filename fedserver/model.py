@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from fedcore.methods import Method
+from fedcore.methods.zeroorder import apply_steps
 from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, TransferSpec, apply_delta, layout_of,
                           state_digest, subtract, tensor_wire_bytes, unique_tensors)
 
 from .errors import StateMismatch
 from .storage import CheckpointError
-from .strategy import ServerStrategy
-from .versions import DeltaHistory, DeltaStep
+from .strategy import RunningMean, SeedMean, ServerStrategy
+from .versions import SEED_PREFIX, DeltaHistory, DeltaStep, SeedHistory, SeedStep
 
 log = logging.getLogger("fedserver.model")
 
@@ -38,6 +39,8 @@ class NextVersion:
     base: str
     delta: dict[str, torch.Tensor] | None = None  # the broadcast delta to send, tied like the state
     delta_spec: TransferSpec | None = None
+    seeds: SeedPairs | None = None  # a zero-order round's steps (kept for replay)
+    round: int = 0
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Resumed:
     opt: dict[str, torch.Tensor]
     residual: dict[str, torch.Tensor]
     versions: list[str] | None
+    seeds: SeedHistory | None
     records: list[dict[str, Any]] | None
     summary: dict[str, Any] | None
 
@@ -70,6 +74,7 @@ class GlobalModel:
         self.versions: list[str] = [self.version]
         self.history = DeltaHistory(delta_keep)
         self.broadcast_ef = ErrorFeedback()
+        self.seeds = SeedHistory()  # zero-order methods: every round's steps, for replay
 
     # ------------------------------------------------------------------ views
     def canonical(self) -> dict[str, torch.Tensor]:
@@ -96,6 +101,18 @@ class GlobalModel:
         return 2 * sum(t.numel() * 4 for t in self.trainable().values()) + (1 << 20)
 
     # ------------------------------------------------------------------ steps
+    def new_mean(self) -> RunningMean | SeedMean:
+        """The round's accumulator for this method's updates."""
+        return SeedMean() if self.method.update_form == "seeds" else RunningMean(self.trainable())
+
+    def seed_step(self, mean: Mapping[tuple[int, int], float], number: int) -> NextVersion:
+        """A zero-order round's next version: the steps the method makes of the mean values, added to a copy."""
+        pairs = self.method.round_steps(mean)
+        new = clone_state(self.state)
+        apply_steps(new, pairs, self.method.spec.second_block)
+        return NextVersion({e.name: e.tensor for e in unique_tensors(new)}, self.aliases(), self.version,
+                           seeds=pairs, round=number)
+
     def step(self, strategy: ServerStrategy, mean_delta: Mapping[str, torch.Tensor],
              delta_spec: TransferSpec | None) -> NextVersion:
         """The next version from the round's mean delta, through the server strategy (not committed yet).
@@ -125,6 +142,8 @@ class GlobalModel:
         self.state = self._tie(nxt.canonical, nxt.aliases)
         self.version = state_digest(unique_tensors(self.state))
         self.versions.append(self.version)
+        if nxt.seeds is not None:
+            self.seeds.add(SeedStep(nxt.round, nxt.base, self.version, nxt.seeds))
         if nxt.delta is not None:
             self.history.add(DeltaStep(nxt.base, self.version, FrozenStream(StateEncoder(
                 nxt.delta, nxt.delta_spec, digest=self.version, base_version=nxt.base))))
@@ -151,6 +170,9 @@ class GlobalModel:
         meta = {"version": self.version, "strategy": strategy.name, **self.method.checkpoint_meta()}
         if self.method.patches_trainable:
             meta["versions"] = json.dumps(self.versions)
+        if self.method.update_form == "seeds":
+            seeds, meta["seed_history"] = self.seeds.to_checkpoint()
+            tensors.update(seeds)
         return tensors, meta
 
     def resumable(self, rnd: int, tensors: dict[str, torch.Tensor], meta: dict[str, str], strategy_name: str,
@@ -169,7 +191,8 @@ class GlobalModel:
             raise mismatch(why)
         if meta.get("strategy", strategy_name) != strategy_name:
             raise mismatch(f"was written by strategy {meta['strategy']}, this server runs {strategy_name}")
-        model = self.method.restore({k: v for k, v in tensors.items() if not k.startswith((OPT_PREFIX, EF_PREFIX))})
+        model = self.method.restore({k: v for k, v in tensors.items()
+                                     if not k.startswith((OPT_PREFIX, EF_PREFIX, SEED_PREFIX))})
         missing = set(self.state) - set(model)
         if missing:
             raise mismatch(f"lacks {len(missing)} model tensors, e.g. {sorted(missing)[0]} (a run of another "
@@ -183,16 +206,28 @@ class GlobalModel:
         if meta.get("version") and meta["version"] != version:
             raise CheckpointError(f"checkpoint round {rnd}: its model has digest {version[:19]}..., the "
                                   f"checkpoint says {meta['version'][:19]}...; the file is damaged")
+        seeds = None
+        if self.method.update_form == "seeds":
+            try:
+                seeds = SeedHistory.from_checkpoint({k: v for k, v in tensors.items() if k.startswith(SEED_PREFIX)},
+                                                    meta.get("seed_history", "[]"))
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"checkpoint round {rnd}: its seed history is damaged ({e})") from None
+            if seeds.steps and seeds.steps[-1].target != version:
+                raise CheckpointError(f"checkpoint round {rnd}: its seed history ends on "
+                                      f"{seeds.steps[-1].target[:19]}..., its model is {version[:19]}...")
         return Resumed(model, version,
                        {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)},
                        {k[len(EF_PREFIX):]: v for k, v in tensors.items() if k.startswith(EF_PREFIX)},
-                       meta_json(meta, "versions", str, rnd), meta_json(meta, "round_records", dict, rnd),
+                       meta_json(meta, "versions", str, rnd), seeds, meta_json(meta, "round_records", dict, rnd),
                        meta_json(meta, "round_summary", None, rnd))
 
     def resume(self, found: Resumed) -> None:
         self.state, self.version = found.model, found.version
         self.versions = found.versions or [self.version]
         self.broadcast_ef.commit(found.residual)
+        if found.seeds is not None:
+            self.seeds = found.seeds
 
 
 def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -38,7 +38,7 @@ from .registry import Device, Registry
 from .roundstate import Assignment, RoundError, RoundState, UpdateRefused
 from .roundlog import EvalRecord, RoundRecords, baseline_summary
 from .storage import CheckpointDir, StateMismatch
-from .strategy import RunningMean, ServerStrategy
+from .strategy import ServerStrategy
 from .transfers import TransferBoard
 
 log = logging.getLogger("fedserver.rounds")
@@ -75,7 +75,7 @@ class Coordinator:
         self.checkpoints = CheckpointDir(self.out / "checkpoints", keep=cfg.checkpoint_keep)
         self.records = RoundRecords(self.out, cfg, clock, on_round)  # rounds.jsonl and summary.json
         self.registry = Registry(cfg.liveness_s, self.out / "registry.json", clock)
-        self.method = cfg.method()
+        self.method = cfg.build_method()
         self.model = GlobalModel(state, self.method, cfg.download_delta_keep)
         self.downloads = DownloadPlanner(self.model, cfg.download_spec(), cfg.download_payload)
         self.intake = UploadIntake(cfg, self.model, self.out, self.lock, clock)
@@ -196,7 +196,7 @@ class Coordinator:
 
     # ------------------------------------------------------------ download
     def encoder_for(self, device_id: str, session_id: str, version: str, encoding: int, codec: int,
-                    base_version: str = "") -> StateEncoder | FrozenStream:
+                    base_version: str = "") -> StateEncoder | FrozenStream | pb.SeedReplay:
         """What a download of `version` streams to a device holding base_version (fedserver.downloads)."""
         with self.lock:
             self._device(device_id, session_id)
@@ -215,6 +215,13 @@ class Coordinator:
             self._device(h.device_id, h.session_id)
             self._check_serving()
             return self.intake.open(self.current, h, self.round_no)
+
+    def take_seeds(self, h: pb.UploadHeader) -> str:
+        """A zero-order update (the whole of it is in `h`): validated and counted in the round; its digest."""
+        with self.lock:
+            self._device(h.device_id, h.session_id)
+            self._check_serving()
+            return self.intake.take_seeds(self.current, h, self.round_no)
 
     def finish_upload(self, sess: UploadSession) -> str:
         """Verify the staged update, validate it against the model, and count it in the round."""
@@ -364,7 +371,7 @@ class Coordinator:
                              lambda enc: self.model.wire_bytes(c.upload_spec(enc), self.model.trainable()))
             self.current = RoundState(
                 number=number, attempt=attempt, version=self.version, started=now,
-                deadline=now + deadline_s, assignments=assignments, mean=RunningMean(self.model.trainable()))
+                deadline=now + deadline_s, assignments=assignments, mean=self.model.new_mean())
             self.lock.notify_all()
         log.info("round %d: sampled %s; policy %s: %s; deadline %.0f s", number, ", ".join(sampled),
                  self.cfg.round_policy, ", ".join(
@@ -408,7 +415,10 @@ class Coordinator:
         t0 = self.clock.monotonic()
         self.intake.fold(cur)
         delta_spec = self.cfg.download_delta_spec() if self.cfg.download_payload == "delta" else None
-        nxt = self.model.step(self.strategy, cur.mean.mean(), delta_spec)
+        if self.method.update_form == "seeds":
+            nxt = self.model.seed_step(cur.mean.mean(), cur.number)
+        else:
+            nxt = self.model.step(self.strategy, cur.mean.mean(), delta_spec)
         with self.lock:
             self.model.commit(nxt)
             self.round_no = cur.number

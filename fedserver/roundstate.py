@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcore.methods.zeroorder import SeedPairs
 from fedtune.v1 import fedtune_pb2 as pb
 
-from .strategy import RunningMean
+from .strategy import RunningMean, SeedMean
 
 
 class RoundError(Exception):
@@ -46,6 +47,7 @@ class Assignment:
     expected_s: float | None = None  # the policy's estimate of download + compute + upload
     staged: Path | None = None  # the verified update, on disk until the round folds it
     manifest: pb.Manifest | None = None
+    seeds: SeedPairs | None = None  # a zero-order update (a few KB), held in memory until the round folds it
     done_at: float | None = None  # monotonic time the update was complete
     upload_encoding: str = ""  # chosen for this device this round (link-aware encodings), "" the default
     encoding_reason: str = ""
@@ -63,7 +65,7 @@ class RoundState:
     started: float
     deadline: float
     assignments: dict[str, Assignment]
-    mean: RunningMean
+    mean: RunningMean | SeedMean
     closed: bool = False
     collected_at: float | None = None  # when the last update arrived or the deadline passed
 

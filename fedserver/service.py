@@ -98,6 +98,9 @@ class FederationService(pbg.FederationServicer):
         try:
             enc = self.coord.encoder_for(request.device_id, request.session_id, request.model_version,
                                          request.encoding, request.codec, request.base_version)
+            if isinstance(enc, pb.SeedReplay):
+                yield from self._replay(request, enc)
+                return
             start = request.start if request.HasField("start") else None
             chunks = enc.chunks(start)
         except (RoundError, WireError) as exc:
@@ -119,12 +122,27 @@ class FederationService(pbg.FederationServicer):
         finally:
             board.end(t)
 
+    def _replay(self, request: pb.DownloadRequest, replay: pb.SeedReplay) -> Iterator[pb.DownloadMessage]:
+        """A zero-order run's download to a device holding a version: one message of seeds."""
+        cur = self.coord.current
+        msg = pb.DownloadMessage(replay=replay)
+        board = self.coord.transfers
+        t = board.begin(request.device_id, "down", cur.number if cur is not None else self.coord.round_no,
+                        msg.ByteSize())
+        try:
+            yield msg
+            board.add(t, msg.ByteSize())
+        finally:
+            board.end(t)
+
     def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("body") != "header":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload stream must start with an UploadHeader")
         header = first.header
         _check_device(header.device_id, context)
+        if header.HasField("seeds"):
+            return self._take_seeds(header, request_iterator, context)
         try:
             sess = self.coord.open_upload(header)
         except RoundError as exc:
@@ -188,6 +206,26 @@ class FederationService(pbg.FederationServicer):
         finally:
             board.end(t)
             sess.stream_lock.release()
+
+    def _take_seeds(self, header: pb.UploadHeader, rest: Iterator[pb.UploadMessage],
+                    context: grpc.ServicerContext) -> pb.UploadReply:
+        """A zero-order update: the header carries all of it; nothing may follow."""
+        if header.HasField("manifest") or header.HasField("start"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a seed update carries no manifest and no resume point")
+        if next(rest, None) is not None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nothing may follow an UploadHeader carrying seeds")
+        board = self.coord.transfers
+        size = header.seeds.ByteSize()
+        t = board.begin(header.device_id, "up", header.round, size)
+        try:
+            digest = self.coord.take_seeds(header)
+            board.add(t, size, done=size)
+        except RoundError as exc:
+            _abort(context, exc)
+            raise
+        finally:
+            board.end(t)
+        return pb.UploadReply(complete=True, chunks_received=0, bytes_received=size, digest=digest)
 
     def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadStatusReply:
         _check_device(request.device_id, context)

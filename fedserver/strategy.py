@@ -224,6 +224,37 @@ class RunningMean:
         return {k: acc / self._total_weight for k, acc in self._acc.items()}
 
 
+class SeedMean:
+    """Weighted running mean of a zero-order round's scalars, keyed by (block, seed), one update at a time.
+
+    Memory is one float per distinct seed (FedKSeed: at most its pool);
+    folded in device order, so the sums are reproducible.
+    """
+
+    def __init__(self) -> None:
+        self._acc: dict[tuple[int, int], float] = {}
+        self._count = 0
+        self._total_weight = 0.0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def add(self, values: Mapping[tuple[int, int], float], weight: float) -> None:
+        w = _check_weight(weight)
+        if not all(math.isfinite(v) for v in values.values()):
+            raise UpdateMismatchError("update holds a NaN or infinite value")
+        for k, v in values.items():
+            self._acc[k] = self._acc.get(k, 0.0) + w * v
+        self._count += 1
+        self._total_weight += w
+
+    def mean(self) -> dict[tuple[int, int], float]:
+        if self._count == 0 or self._total_weight <= 0.0:
+            raise ValueError("mean() of a SeedMean with no updates")
+        return {k: v / self._total_weight for k, v in self._acc.items()}
+
+
 class ServerStrategy(ABC):
     """Turns the mean client delta into the next global model.
 

@@ -8,14 +8,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .base import Method, Trainee, UpdateInvalid
+from .fedkseed import FedKSeed
+from .fedspzo import FedSPZO
 from .full import FullFineTuning
 from .lora import FfaLora
+from .mezo import MeZO
+from .zeroorder import ZeroOrderMethod
 
 if TYPE_CHECKING:
     from fedtune.v1 import fedtune_pb2 as pb
 
 #: every method by the name a task carries (TrainingSettings.method)
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, FfaLora)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, FfaLora, MeZO, FedKSeed, FedSPZO)}
+#: the zero-order methods by name: their updates are (seed, scalar) pairs (fedcore.methods.zeroorder)
+ZERO_ORDER: dict[str, type[ZeroOrderMethod]] = {m.name: m for m in (MeZO, FedKSeed, FedSPZO)}
 
 
 def from_task(training: pb.TrainingSettings) -> Method:
@@ -34,4 +40,5 @@ def from_task(training: pb.TrainingSettings) -> Method:
     return method
 
 
-__all__ = ["METHODS", "FfaLora", "FullFineTuning", "Method", "Trainee", "UpdateInvalid", "from_task"]
+__all__ = ["METHODS", "ZERO_ORDER", "FedKSeed", "FedSPZO", "FfaLora", "FullFineTuning", "MeZO", "Method", "Trainee",
+           "UpdateInvalid", "ZeroOrderMethod", "from_task"]

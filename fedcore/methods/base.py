@@ -47,6 +47,9 @@ class Trainee:
     weight_grads: ClassVar[bool] = True
     #: binding changed the model's modules (peft layers): a different method needs a freshly built model.
     alters_model: ClassVar[bool] = False
+    #: what the update is: "tensors" (trained by backprop, streamed in chunks) or "seeds" ((seed, scalar) pairs of
+    #: a zero-order method, which trains by its own forward-only steps: `start`)
+    update_form: ClassVar[str] = "tensors"
 
     def __init__(self, method: Method, model: torch.nn.Module) -> None:
         self.method = method
@@ -63,6 +66,10 @@ class Trainee:
     def describe(self) -> str:
         """One log line: what trains."""
         raise NotImplementedError
+
+    def start(self, task_seed: int):  # -> fedcore.methods.zeroorder.Estimator
+        """A "seeds" trainee's steps for one task (seeded by the task)."""
+        raise NotImplementedError(f"{type(self).__name__} trains by backprop: it has no estimator")
 
 
 class Method:
@@ -127,6 +134,9 @@ class Method:
     patches_trainable: ClassVar[bool] = False
 
     # ------------------------------------------------------------- the update
+    #: "tensors": the update is a set of tensors (chunked, verified, folded into a running mean of deltas);
+    #: "seeds": (seed, scalar) pairs (fedcore.methods.zeroorder), folded per seed and replayed by devices
+    update_form: ClassVar[str] = "tensors"
     #: added to an upload manifest's rejection, telling what this method's update carries ("": nothing to add)
     upload_hint: ClassVar[str] = ""
     #: added to the round summary's upload description

@@ -159,7 +159,7 @@ class JoinReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., model_config_json: _Optional[str] = ..., poll_seconds: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed", "local_samples", "lora", "method")
+    __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed", "local_samples", "lora", "method", "zero_order")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class TrainingSettings(_message.Message):
     LOCAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    ZERO_ORDER_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     local_steps: int
     batch_size: int
@@ -182,7 +183,66 @@ class TrainingSettings(_message.Message):
     local_samples: int
     lora: LoraSettings
     method: str
-    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., local_samples: _Optional[int] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., method: _Optional[str] = ...) -> None: ...
+    zero_order: ZeroOrderSettings
+    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., local_samples: _Optional[int] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., method: _Optional[str] = ..., zero_order: _Optional[_Union[ZeroOrderSettings, _Mapping]] = ...) -> None: ...
+
+class ZeroOrderSettings(_message.Message):
+    __slots__ = ("eps", "perturbations", "second_perturbations", "second_block", "pool_size", "pool_seed", "seed_weights", "directions")
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    PERTURBATIONS_FIELD_NUMBER: _ClassVar[int]
+    SECOND_PERTURBATIONS_FIELD_NUMBER: _ClassVar[int]
+    SECOND_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    POOL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POOL_SEED_FIELD_NUMBER: _ClassVar[int]
+    SEED_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    eps: float
+    perturbations: int
+    second_perturbations: int
+    second_block: _containers.RepeatedScalarFieldContainer[str]
+    pool_size: int
+    pool_seed: int
+    seed_weights: bytes
+    directions: str
+    def __init__(self, eps: _Optional[float] = ..., perturbations: _Optional[int] = ..., second_perturbations: _Optional[int] = ..., second_block: _Optional[_Iterable[str]] = ..., pool_size: _Optional[int] = ..., pool_seed: _Optional[int] = ..., seed_weights: _Optional[bytes] = ..., directions: _Optional[str] = ...) -> None: ...
+
+class SeedUpdate(_message.Message):
+    __slots__ = ("seeds", "values", "blocks", "steps")
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    steps: int
+    def __init__(self, seeds: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., blocks: _Optional[_Iterable[int]] = ..., steps: _Optional[int] = ...) -> None: ...
+
+class SeedReplay(_message.Message):
+    __slots__ = ("base_version", "rounds", "second_block", "directions")
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SECOND_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    base_version: str
+    rounds: _containers.RepeatedCompositeFieldContainer[SeedRound]
+    second_block: _containers.RepeatedScalarFieldContainer[str]
+    directions: str
+    def __init__(self, base_version: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[SeedRound, _Mapping]]] = ..., second_block: _Optional[_Iterable[str]] = ..., directions: _Optional[str] = ...) -> None: ...
+
+class SeedRound(_message.Message):
+    __slots__ = ("round", "version", "seeds", "values", "blocks")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    version: str
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LoraSettings(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules", "dropout")
@@ -271,15 +331,17 @@ class DownloadRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., model_version: _Optional[str] = ..., start: _Optional[_Union[Position, _Mapping]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., base_version: _Optional[str] = ...) -> None: ...
 
 class DownloadMessage(_message.Message):
-    __slots__ = ("manifest", "chunk")
+    __slots__ = ("manifest", "chunk", "replay")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     manifest: Manifest
     chunk: Chunk
-    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    replay: SeedReplay
+    def __init__(self, manifest: _Optional[_Union[Manifest, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., replay: _Optional[_Union[SeedReplay, _Mapping]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("device_id", "session_id", "task_id", "round", "base_version", "num_samples", "manifest", "start")
+    __slots__ = ("device_id", "session_id", "task_id", "round", "base_version", "num_samples", "manifest", "start", "seeds")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +350,7 @@ class UploadHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     session_id: str
     task_id: str
@@ -296,7 +359,8 @@ class UploadHeader(_message.Message):
     num_samples: int
     manifest: Manifest
     start: Position
-    def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[str] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., start: _Optional[_Union[Position, _Mapping]] = ...) -> None: ...
+    seeds: SeedUpdate
+    def __init__(self, device_id: _Optional[str] = ..., session_id: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[str] = ..., num_samples: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., start: _Optional[_Union[Position, _Mapping]] = ..., seeds: _Optional[_Union[SeedUpdate, _Mapping]] = ...) -> None: ...
 
 class UploadMessage(_message.Message):
     __slots__ = ("header", "chunk")
