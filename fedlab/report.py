@@ -74,6 +74,14 @@ def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def megabytes(n: float | None) -> str:
+    """Bytes as MB, two decimals; below 0.1 MB three significant digits (a zero-order update is 0.000465 MB)."""
+    if n is None:
+        return "-"
+    mb = n / 1e6
+    return f"{mb:.2f}" if mb >= 0.1 or mb == 0 else f"{mb:.3g}"
+
+
 def _known_mean(recs: list[DeviceRound], key: str) -> float | None:
     """The mean over the records that know `key` (a lost figure is null, not 0); None if none does."""
     vals = [v for v in (known(getattr(r, key)) for r in recs) if v is not None]
@@ -111,8 +119,7 @@ def round_table(run: Run) -> str:
         n = s.get("round", 0)
         row = [str(n), str(len(s.get("participants", []))) if n else "-", _fmt(s.get("t_comp_s"), ".2f"),
                _fmt(s.get("t_comm_s"), ".2f"), _fmt(s.get("g"), ".3f"),
-               _fmt(s["bytes_down"] / 1e6 if "bytes_down" in s else None, ".2f"),
-               _fmt(s["bytes_up"] / 1e6 if "bytes_up" in s else None, ".2f"), s.get("download", "-"),
+               megabytes(s.get("bytes_down")), megabytes(s.get("bytes_up")), s.get("download", "-"),
                s.get("upload", "-"), _fmt(s.get("eval_loss"), ".4f"), _fmt(s.get("rougeL"), ".2f")]
         for k in extra:
             vals = [v for v in (r.figure(k) for r in by_round.get(n, [])) if v is not None]
@@ -135,8 +142,7 @@ def device_table(run: Run) -> str:
         row = [dev, run.profile(dev), str(len(recs)), f"{mean(r.t_comp_s for r in recs):.2f}",
                f"{mean(r.t_down_s for r in recs):.2f}", _fmt(_known_mean(recs, "t_up_s"), ".2f"),
                _fmt(_known_mean(recs, "t_comm_s"), ".2f"), _fmt(_known_mean(recs, "g"), ".3f"),
-               f"{sum(r.bytes_down or 0 for r in recs) / 1e6:.2f}",
-               f"{sum(r.bytes_up or 0 for r in recs) / 1e6:.2f}"]
+               megabytes(sum(r.bytes_down or 0 for r in recs)), megabytes(sum(r.bytes_up or 0 for r in recs))]
         for k in extra:
             vals = [v for v in (r.figure(k) for r in recs) if v is not None]
             row.append(_fmt(mean(vals) if vals else None, ".4g"))

@@ -25,6 +25,7 @@ from fedclient.config import ClientConfig
 from fedcore.config import ConfigError, check_fields, described, from_mapping, to_dict
 from fedcore.hwreport import efficiency_lines
 from fedlab.basecorpus import BASE_PRESET
+from fedlab.report import megabytes
 from fedserver.config import WIRE_CODECS, WIRE_ENCODINGS, ServerConfig
 from fedserver.roundlog import read_summaries
 
@@ -241,8 +242,7 @@ def table_row(s: dict[str, Any]) -> str:
         return "-" if v is None else format(v, fmt)
     vals = [str(s["round"]), str(len(s.get("participants", []))) if s["round"] else "-",
             f(s.get("t_comp_s"), ".2f"), f(s.get("t_comm_s"), ".2f"), f(s.get("g"), ".3f"),
-            f(s["bytes_down"] / 1e6 if "bytes_down" in s else None, ".2f"),
-            f(s["bytes_up"] / 1e6 if "bytes_up" in s else None, ".2f"),
+            megabytes(s.get("bytes_down")), megabytes(s.get("bytes_up")),
             f(s.get("train_loss"), ".4f"), f(s.get("eval_loss"), ".4f"), f(s.get("rougeL"), ".2f")]
     return "  ".join(v.rjust(w) for v, (_, w) in zip(vals, COLUMNS))
 

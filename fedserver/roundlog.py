@@ -20,6 +20,7 @@ from fedcore.config import to_dict
 from fedcore.records import ABSENT, DEVICE_METRIC_KEYS, HARDWARE_KEYS, DeviceRound, RoundSummary
 
 from .config import ServerConfig
+from .strategy import SeedMean
 from .roundstate import Assignment, RoundState
 from .storage import RoundLog, set_aside, write_json_atomic
 
@@ -194,8 +195,10 @@ def round_summary(cur: RoundState, records: list[DeviceRound], ev: EvalRecord | 
                   method_fields: Mapping[str, Any] | None = None) -> RoundSummary:
     """The round's summary from its device records; wall_s: dispatch to the last update (or the deadline).
 
-    upload_note is appended to the upload description and method_fields are
+    upload_note is appended to the upload description (it is the whole of it
+    for a method whose updates are (seed, scalar) pairs) and method_fields are
     the method's own keys (what fedcore.methods says of itself)."""
+    seeds = isinstance(cur.mean, SeedMean)
     aggregated = [r for r in records if r.aggregated]
     got = [r for r in aggregated if r.measured]
     # T_comm and G come from the devices whose communication figures are known: a lost one is not a zero.
@@ -225,11 +228,14 @@ def round_summary(cur: RoundState, records: list[DeviceRound], ev: EvalRecord | 
         version=version,
         strategy=strategy,
         download=f"{cfg.download_encoding}/{cfg.download_codec}"
-                 + (f" + {cfg.download_delta_encoding} deltas" if cfg.download_payload == "delta" else ""),
-        upload=f"{cfg.upload_encoding}/{cfg.upload_codec}"
-               + (f" {cfg.upload_payload}" + (" +EF" if cfg.error_feedback else "")
-                  if cfg.upload_payload == "delta" else "")
-               + upload_note,
+                 + (f" + {cfg.download_delta_encoding} deltas" if cfg.download_payload == "delta" else "")
+                 + (" + seed replay" if seeds else ""),
+        # (Seed, scalar) pairs are not tensors: no wire encoding describes them.
+        upload=upload_note.strip() if seeds else (
+            f"{cfg.upload_encoding}/{cfg.upload_codec}"
+            + (f" {cfg.upload_payload}" + (" +EF" if cfg.error_feedback else "") if cfg.upload_payload == "delta"
+               else "")
+            + upload_note),
         more=dict(method_fields or {}),
         **eval_fields(ev),
     )

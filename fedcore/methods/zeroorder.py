@@ -69,7 +69,6 @@ class ZeroOrderSpec:
     pool_seed: int = 0
     second_block: tuple[str, ...] = ()  # FedSPZO: tensor-name prefixes of the second block
     second_perturbations: int = 0       # FedSPZO: P2
-    probability_weighted: bool = False  # FedKSeed-Pro
 
     def validate(self) -> None:
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -83,8 +82,6 @@ class ZeroOrderSpec:
         if self.second_block and not 1 <= self.second_perturbations <= MAX_PERTURBATIONS:
             raise ValueError(f"zo_second_perturbations must be 1..{MAX_PERTURBATIONS}, got "
                              f"{self.second_perturbations}")
-        if self.probability_weighted and not self.pool_size:
-            raise ValueError("probability-weighted seeds (FedKSeed-Pro) need a seed pool (zo_pool_size > 0)")
 
     def to_proto(self, z: pb.ZeroOrderSettings) -> None:
         z.eps, z.perturbations, z.pool_size, z.pool_seed = self.eps, self.perturbations, self.pool_size, self.pool_seed
@@ -100,7 +97,7 @@ class ZeroOrderSpec:
                              f"{directions.SCHEME!r}: update fedtune on the device or the server")
         return cls(learning_rate=training.learning_rate, eps=z.eps, perturbations=z.perturbations,
                    pool_size=z.pool_size, pool_seed=z.pool_seed, second_block=tuple(z.second_block),
-                   second_perturbations=z.second_perturbations, probability_weighted=bool(z.seed_weights))
+                   second_perturbations=z.second_perturbations)
 
 
 # ------------------------------------------------------------------ the update
