@@ -111,16 +111,20 @@ def perturb(params: Sequence[tuple[str, torch.Tensor]], seed: int, scale: float)
 
 
 def combined_step(params: Iterable[tuple[str, torch.Tensor]], steps: Sequence[tuple[int, float, int]],
-                  moves: Callable[[str, int], bool] | None = None) -> None:
-    """Add sum_k value_k * z(seed_k) to every tensor, accumulating per tensor in fp32 in the order given.
+                  moves: Callable[[str, int], bool] | None = None, scale: float = 1.0) -> None:
+    """Scale every tensor by `scale` (weight decay), then add sum_k value_k * z(seed_k), accumulated per tensor
+    in fp32 in the order given.
 
     A step is (seed, value, block); `moves(name, block)` says whether the
     step's block holds the tensor (None: every step moves every tensor).
     Server and devices call this with the same steps in the same order, so
-    both end on the same bits.
+    both end on the same bits (a product and a sum of fp32 numbers are
+    correctly rounded on every backend).
     """
     with torch.no_grad():
         for name, t in params:
+            if scale != 1.0:
+                t.mul_(float(torch.tensor(scale, dtype=torch.float32)))
             mine = [(seed, value) for seed, value, block in steps if moves is None or moves(name, block)]
             if not mine:
                 continue

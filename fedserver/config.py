@@ -44,7 +44,9 @@ class ServerConfig:
                                                            ge=0, le=INT32))
     batch_size: int = field(default=32, metadata=described("local minibatch size", ge=1, le=INT32))
     learning_rate: float = field(default=5e-4, metadata=described("local AdamW learning rate", gt=0))
-    weight_decay: float = field(default=0.0, metadata=described("local AdamW weight decay", ge=0))
+    weight_decay: float = field(default=0.0, metadata=described("local AdamW weight decay (zero-order methods: "
+                                                                "theta -= learning_rate x weight_decay x theta a step)",
+                                                                ge=0))
     max_input_tokens: int = field(default=512, metadata=described("dialogue tokens kept", ge=1, le=INT32))
     max_target_tokens: int = field(default=95, metadata=described("summary tokens kept and generated", ge=1, le=INT32))
     # heterogeneous devices (after Szablewski, Sani, Lane)
@@ -266,7 +268,8 @@ class ServerConfig:
     def zo_spec(self) -> ZeroOrderSpec:
         """The zero-order methods' settings (used when method is one of them)."""
         return ZeroOrderSpec(
-            learning_rate=self.learning_rate, eps=self.zo_eps, perturbations=self.zo_perturbations,
+            learning_rate=self.learning_rate, weight_decay=self.weight_decay, eps=self.zo_eps,
+            perturbations=self.zo_perturbations,
             pool_size=self.zo_pool_size if self.method == "fedkseed" else 0, pool_seed=self.seed,
             second_block=parse_targets(self.zo_second_block) if self.method == "fedspzo" else (),
             second_perturbations=self.zo_second_perturbations if self.method == "fedspzo" else 0)

@@ -71,7 +71,7 @@ class DownloadPlanner:
         msg = pb.SeedReplay(base_version=base, second_block=list(m.method.spec.second_block),
                             directions=directions.SCHEME)
         for st in chain:
-            r = msg.rounds.add(round=st.round, version=st.target)
+            r = msg.rounds.add(round=st.round, version=st.target, scale=st.pairs.scale if st.pairs.scale != 1 else 0)
             r.seeds[:], r.values[:] = st.pairs.seeds, st.pairs.values
             r.blocks[:] = st.pairs.blocks if any(st.pairs.blocks) else []
         return msg

@@ -308,7 +308,7 @@ class UploadIntake:
             if a.seeds is not None:
                 p = a.seeds
                 cur.mean.add({(b, k): v * a.clip_scale for k, v, b in zip(p.seeds, p.values, p.blocks)},
-                             float(a.num_samples))
+                             float(a.num_samples), self.model.method.decay(p.steps))
                 if self.cfg.save_updates:
                     self._save_update(cur.number, a.device_id, p.to_tensors(), a.num_samples, False)
                 continue

@@ -105,9 +105,9 @@ class GlobalModel:
         """The round's accumulator for this method's updates."""
         return SeedMean() if self.method.update_form == "seeds" else RunningMean(self.trainable())
 
-    def seed_step(self, mean: Mapping[tuple[int, int], float], number: int) -> NextVersion:
+    def seed_step(self, mean: SeedMean, number: int) -> NextVersion:
         """A zero-order round's next version: the steps the method makes of the mean values, added to a copy."""
-        pairs = self.method.round_steps(mean)
+        pairs = self.method.round_steps(mean.mean(), mean.scale())
         new = clone_state(self.state)
         apply_steps(new, pairs, self.method.spec.second_block)
         return NextVersion({e.name: e.tensor for e in unique_tensors(new)}, self.aliases(), self.version,

@@ -416,7 +416,7 @@ class Coordinator:
         self.intake.fold(cur)
         delta_spec = self.cfg.download_delta_spec() if self.cfg.download_payload == "delta" else None
         if self.method.update_form == "seeds":
-            nxt = self.model.seed_step(cur.mean.mean(), cur.number)
+            nxt = self.model.seed_step(cur.mean, cur.number)
         else:
             nxt = self.model.step(self.strategy, cur.mean.mean(), delta_spec)
         with self.lock:

@@ -235,24 +235,35 @@ class SeedMean:
         self._acc: dict[tuple[int, int], float] = {}
         self._count = 0
         self._total_weight = 0.0
+        self._scale = 0.0  # weighted sum of what each device's weight decay multiplied its weights by
 
     @property
     def count(self) -> int:
         return self._count
 
-    def add(self, values: Mapping[tuple[int, int], float], weight: float) -> None:
+    def add(self, values: Mapping[tuple[int, int], float], weight: float, scale: float = 1.0) -> None:
+        """Fold one device's values with its FedAvg weight; `scale`: its weight decay's factor."""
         w = _check_weight(weight)
-        if not all(math.isfinite(v) for v in values.values()):
-            raise UpdateMismatchError("update holds a NaN or infinite value")
+        if not all(math.isfinite(v) for v in values.values()) or not 0 < scale <= 1:
+            raise UpdateMismatchError("update holds a NaN or infinite value, or a decay outside (0, 1]")
         for k, v in values.items():
             self._acc[k] = self._acc.get(k, 0.0) + w * v
         self._count += 1
         self._total_weight += w
+        self._scale += w * scale
 
-    def mean(self) -> dict[tuple[int, int], float]:
+    def _check(self) -> None:
         if self._count == 0 or self._total_weight <= 0.0:
             raise ValueError("mean() of a SeedMean with no updates")
+
+    def mean(self) -> dict[tuple[int, int], float]:
+        self._check()
         return {k: v / self._total_weight for k, v in self._acc.items()}
+
+    def scale(self) -> float:
+        """The weighted mean decay factor (1.0: no weight decay)."""
+        self._check()
+        return self._scale / self._total_weight
 
 
 class ServerStrategy(ABC):

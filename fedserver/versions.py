@@ -93,7 +93,7 @@ class SeedHistory:
             everything.values += st.pairs.values
             everything.blocks += st.pairs.blocks
         tensors = {SEED_PREFIX + k: v for k, v in everything.to_tensors().items()}
-        index = [[st.round, st.base, st.target, len(st.pairs.seeds)] for st in self.steps]
+        index = [[st.round, st.base, st.target, len(st.pairs.seeds), st.pairs.scale] for st in self.steps]
         return tensors, json.dumps(index)
 
     @classmethod
@@ -105,10 +105,10 @@ class SeedHistory:
             return hist
         everything = SeedPairs.from_tensors({k[len(SEED_PREFIX):]: v for k, v in tensors.items()})
         at = 0
-        for rnd, base, target, n in index:
+        for rnd, base, target, n, scale in index:
             hist.add(SeedStep(int(rnd), base, target, SeedPairs(everything.seeds[at:at + n],
                                                                   everything.values[at:at + n],
-                                                                  everything.blocks[at:at + n])))
+                                                                  everything.blocks[at:at + n], scale=float(scale))))
             at += n
         if at != len(everything.seeds):
             raise ValueError(f"the seed history holds {len(everything.seeds)} directions, its index {at}")

@@ -54,7 +54,7 @@ class SplitPerturbation(Estimator):
         for block, seed, g, tensors in found:
             self.timed(cost, "perturb_s", sync, lambda: directions.perturb(tensors, seed, -lr * g))
             self.note(block, seed, g)
-        self.steps += 1
+        self.end_step(params, cost, sync)
         cost.first_forwards = 2 * p1 + 1
         cost.second_forwards = 2 * p1 + 2 * p2
         return sum(losses) / len(losses), cost

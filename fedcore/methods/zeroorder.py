@@ -69,6 +69,7 @@ class ZeroOrderSpec:
     pool_seed: int = 0
     second_block: tuple[str, ...] = ()  # FedSPZO: tensor-name prefixes of the second block
     second_perturbations: int = 0       # FedSPZO: P2
+    weight_decay: float = 0.0           # of the local steps; the round's step decays the weights the same
 
     def validate(self) -> None:
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -79,6 +80,9 @@ class ZeroOrderSpec:
             raise ValueError(f"zo_perturbations must be 1..{MAX_PERTURBATIONS}, got {self.perturbations}")
         if not 0 <= self.pool_size <= MAX_POOL:
             raise ValueError(f"zo_pool_size must be 0..{MAX_POOL}, got {self.pool_size}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.learning_rate * self.weight_decay < 1):
+            raise ValueError(f"weight_decay {self.weight_decay} with learning_rate {self.learning_rate}: "
+                             f"learning_rate x weight_decay must be in [0, 1)")
         if self.second_block and not 1 <= self.second_perturbations <= MAX_PERTURBATIONS:
             raise ValueError(f"zo_second_perturbations must be 1..{MAX_PERTURBATIONS}, got "
                              f"{self.second_perturbations}")
@@ -95,7 +99,8 @@ class ZeroOrderSpec:
         if z.directions != directions.SCHEME:
             raise ValueError(f"the task's directions are {z.directions or 'unnamed'!r}, this device generates "
                              f"{directions.SCHEME!r}: update fedtune on the device or the server")
-        return cls(learning_rate=training.learning_rate, eps=z.eps, perturbations=z.perturbations,
+        return cls(learning_rate=training.learning_rate, weight_decay=training.weight_decay, eps=z.eps,
+                   perturbations=z.perturbations,
                    pool_size=z.pool_size, pool_seed=z.pool_seed, second_block=tuple(z.second_block),
                    second_perturbations=z.second_perturbations)
 
@@ -109,6 +114,7 @@ class SeedPairs:
     values: list[float] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     steps: int = 0
+    scale: float = 1.0  # a round's steps: the weights are multiplied by this first (weight decay)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         """The form a device keeps on disk (uint64 seeds stored bit for bit as int64)."""
@@ -172,6 +178,7 @@ class ZeroOrderMethod(Method):
 
     def to_task(self, training: pb.TrainingSettings) -> None:
         training.method = self.name
+        training.learning_rate, training.weight_decay = self.spec.learning_rate, self.spec.weight_decay
         self.spec.to_proto(training.zero_order)
 
     @classmethod
@@ -214,9 +221,14 @@ class ZeroOrderMethod(Method):
         lr, numels = self.spec.learning_rate, block_numels(state, self.spec.second_block)
         return lr * math.sqrt(sum(v * v * numels[b] for v, b in zip(pairs.values, pairs.blocks)))
 
-    def round_steps(self, mean: Mapping[tuple[int, int], float]) -> SeedPairs:
-        """The round's steps from the mean value per (block, key): direction seeds, fp32 steps, in a fixed order."""
-        out = SeedPairs()
+    def decay(self, steps: int) -> float:
+        """What `steps` local steps' weight decay multiplied the weights by."""
+        return (1.0 - self.spec.learning_rate * self.spec.weight_decay) ** steps
+
+    def round_steps(self, mean: Mapping[tuple[int, int], float], scale: float = 1.0) -> SeedPairs:
+        """The round's steps from the mean value per (block, key): direction seeds, fp32 steps, in a fixed order;
+        `scale` the mean decay of the devices' weights."""
+        out = SeedPairs(scale=float(torch.tensor(scale, dtype=torch.float32)))
         for (block, key) in sorted(mean):
             out.seeds.append(self.direction_seed(key))
             out.values.append(float(torch.tensor(-self.spec.learning_rate * mean[(block, key)], dtype=torch.float32)))
@@ -247,7 +259,7 @@ def apply_steps(state: Mapping[str, torch.Tensor], pairs: SeedPairs, second_bloc
     second = tuple(second_block)
     directions.combined_step([(e.name, e.tensor) for e in unique_tensors(state) if e.tensor.is_floating_point()],
                              list(zip(pairs.seeds, pairs.values, pairs.blocks)),
-                             lambda name, block: in_block(name, block, second))
+                             lambda name, block: in_block(name, block, second), scale=pairs.scale)
 
 
 #: rounds one replay may carry; further behind, the full model is cheaper to send than to replay
@@ -270,9 +282,11 @@ def replay(base: Mapping[str, torch.Tensor], msg: pb.SeedReplay, held_version: s
         raise WireError("payload", f"a replay of {len(msg.rounds)} rounds")
     state = clone_tied(base)
     for r in msg.rounds:
-        pairs = SeedPairs(list(r.seeds), list(r.values), list(r.blocks) or [WHOLE] * len(r.seeds))
+        pairs = SeedPairs(list(r.seeds), list(r.values), list(r.blocks) or [WHOLE] * len(r.seeds),
+                          scale=r.scale or 1.0)
         if not len(pairs.values) == len(pairs.seeds) == len(pairs.blocks) or any(
-                b not in (WHOLE, FIRST, SECOND) for b in pairs.blocks) or not all(map(math.isfinite, pairs.values)):
+                b not in (WHOLE, FIRST, SECOND) for b in pairs.blocks) or not all(map(math.isfinite, pairs.values)) \
+                or not 0 < pairs.scale <= 1:
             raise WireError("payload", f"round {r.round} of the replay is malformed")
         apply_steps(state, pairs, tuple(msg.second_block))
     version = msg.rounds[-1].version
@@ -348,11 +362,12 @@ class Estimator:
         setattr(cost, what, getattr(cost, what) + time.perf_counter() - t0)
         return out
 
-    def weight_decay(self, params: list[tuple[str, torch.Tensor]], lr: float, wd: float) -> None:
-        if wd > 0:
-            with torch.no_grad():
-                for _, t in params:
-                    t.mul_(1.0 - lr * wd)
+    def end_step(self, params: list[tuple[str, torch.Tensor]], cost: StepCost, sync: Callable[[], None]) -> None:
+        """Weight decay (theta -= lr wd theta, as MeZO's step), then count the step."""
+        factor = 1.0 - self.spec.learning_rate * self.spec.weight_decay
+        if factor != 1.0:
+            self.timed(cost, "perturb_s", sync, lambda: [t.mul_(factor) for _, t in params] and None)
+        self.steps += 1
 
 
 class ZeroOrderTrainee(Trainee):
@@ -417,6 +432,6 @@ class TwoPointEstimator(Estimator):
             self.timed(cost, "perturb_s", sync, lambda: directions.perturb(params, seed, -lr * g))
         for key, _, g in found:
             self.note(WHOLE, key, g)
-        self.steps += 1
+        self.end_step(params, cost, sync)
         cost.first_forwards = cost.second_forwards = 2 * n
         return sum(losses) / len(losses), cost

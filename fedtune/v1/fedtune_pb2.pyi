@@ -229,18 +229,20 @@ class SeedReplay(_message.Message):
     def __init__(self, base_version: _Optional[str] = ..., rounds: _Optional[_Iterable[_Union[SeedRound, _Mapping]]] = ..., second_block: _Optional[_Iterable[str]] = ..., directions: _Optional[str] = ...) -> None: ...
 
 class SeedRound(_message.Message):
-    __slots__ = ("round", "version", "seeds", "values", "blocks")
+    __slots__ = ("round", "version", "seeds", "values", "blocks", "scale")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SEEDS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: str
     seeds: _containers.RepeatedScalarFieldContainer[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     blocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    scale: float
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[str] = ..., seeds: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ..., blocks: _Optional[_Iterable[int]] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class LoraSettings(_message.Message):
     __slots__ = ("rank", "alpha", "target_modules", "dropout")
