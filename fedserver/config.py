@@ -82,6 +82,9 @@ class ServerConfig:
         "zero-order: directions per local step (fedspzo: of the first block, P1)", ge=1, le=1024))
     zo_pool_size: int = field(default=4096, metadata=described(
         "fedkseed: K, the candidate seeds of the run (the paper's default)", ge=1, le=1 << 24))
+    zo_weighted_seeds: bool = field(default=False, metadata=described(
+        "fedkseed: FedKSeed-Pro, sample pool seeds with probabilities from their past projected gradients (a softmax "
+        "of their min-max normalised mean magnitude; K bytes more in each task)"))
     zo_second_block: str = field(default=",".join(T5_SECOND_BLOCK), metadata=described(
         "fedspzo: tensor-name prefixes of the second block, comma-separated (the first block is the rest: the "
         "encoder and the shared embedding)"))
@@ -271,6 +274,7 @@ class ServerConfig:
             learning_rate=self.learning_rate, weight_decay=self.weight_decay, eps=self.zo_eps,
             perturbations=self.zo_perturbations,
             pool_size=self.zo_pool_size if self.method == "fedkseed" else 0, pool_seed=self.seed,
+            weighted_seeds=self.zo_weighted_seeds,
             second_block=parse_targets(self.zo_second_block) if self.method == "fedspzo" else (),
             second_perturbations=self.zo_second_perturbations if self.method == "fedspzo" else 0)
 

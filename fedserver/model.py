@@ -75,6 +75,7 @@ class GlobalModel:
         self.history = DeltaHistory(delta_keep)
         self.broadcast_ef = ErrorFeedback()
         self.seeds = SeedHistory()  # zero-order methods: every round's steps, for replay
+        self._round_method: tuple[str, Method] | None = None  # (version, the method as its tasks carry it)
 
     # ------------------------------------------------------------------ views
     def canonical(self) -> dict[str, torch.Tensor]:
@@ -99,6 +100,14 @@ class GlobalModel:
     def max_update_bytes(self) -> int:
         """A default bound on one upload's bytes: twice the trainable tensors at fp32, plus 1 MiB."""
         return 2 * sum(t.numel() * 4 for t in self.trainable().values()) + (1 << 20)
+
+    def round_method(self) -> Method:
+        """The method as this version's tasks carry it (FedKSeed-Pro: with the seeds' scores so far)."""
+        if self.method.update_form != "seeds":
+            return self.method
+        if self._round_method is None or self._round_method[0] != self.version:
+            self._round_method = (self.version, self.method.round_settings([st.pairs for st in self.seeds.steps]))
+        return self._round_method[1]
 
     # ------------------------------------------------------------------ steps
     def new_mean(self) -> RunningMean | SeedMean:

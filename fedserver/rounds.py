@@ -191,7 +191,7 @@ class Coordinator:
                 max_target_tokens=c.max_target_tokens, seed=c.seed * 1000003 + cur.number),
             upload=up.settings(error_feedback=c.error_feedback),
             deadline_unix=self.clock.unix_at(cur.deadline))
-        self.method.to_task(task.training)
+        self.model.round_method().to_task(task.training)
         return task
 
     # ------------------------------------------------------------ download

@@ -300,3 +300,41 @@ def test_a_damaged_replay_fails_its_digest_check(base_state):
     assert e.value.kind == "digest"
     with pytest.raises(WireError, match="holds"):
         replay(held, msg, "sha256:other")
+
+
+# ---------------------------------------------------------------- FedKSeed-Pro
+def test_fedkseed_pro_scores_seeds_by_their_past_gradients_and_devices_sample_by_them(base_state):
+    from fedcore.methods.fedkseed import seed_scores
+
+    spec = ZeroOrderSpec(learning_rate=1e-3, eps=1e-3, pool_size=4, pool_seed=3, weighted_seeds=True)
+    pro = FedKSeed(spec)
+    seed = pro.direction_seed
+    # |gradient| = |step| / lr: seed 0 400, seed 1 100 (twice), seed 2 5000 clipped to 1000, seed 3 never used.
+    history = [SeedPairs([seed(0), seed(1)], [-0.4, -0.1], [0, 0]),
+               SeedPairs([seed(1), seed(2)], [0.1, 5.0], [0, 0])]
+    scores = seed_scores(spec, history, seed)
+    assert list(scores) == [102, 26, 255, 0]
+    assert seed_scores(spec, [], seed) == bytes(4), "no history: every seed alike"
+    # The round's tasks carry the scores; a device rebuilds the method and samples by them.
+    model = GlobalModel(base_state, pro, delta_keep=1)
+    first = model.round_method()
+    assert first.spec.seed_weights == bytes(4) and model.round_method() is first, "computed once a version"
+    mean = model.new_mean()
+    mean.add({(0, 0): 2.0, (0, 1): 0.5}, 1.0)
+    model.commit(model.seed_step(mean, 1))
+    later = model.round_method()
+    assert later is not first and later.spec.seed_weights != bytes(4)
+    tr = pb.TrainingSettings()
+    later.to_task(tr)
+    device = from_task(tr)
+    assert device.spec.seed_weights == later.spec.seed_weights and "FedKSeed-Pro" in device.describe()
+    skewed = FedKSeed(ZeroOrderSpec(learning_rate=1e-3, pool_size=4, weighted_seeds=True,
+                                    seed_weights=bytes([255, 0, 0, 0])))
+    est = skewed.estimator(11)
+    picks = [est.key(0) for _ in range(4000)]
+    # exp(1) / (exp(1) + 3) = 0.475 against 0.25 uniformly
+    assert 0.43 < picks.count(0) / len(picks) < 0.52
+    uniform = METHODS["fedkseed"].estimator(11)
+    assert 0.5 / 64 < [uniform.key(0) for _ in range(4000)].count(0) / 4000 < 2 / 64, "uniform over the pool of 64"
+    with pytest.raises(ValueError, match="seed weights"):
+        FedKSeed(ZeroOrderSpec(pool_size=4, seed_weights=bytes(3))).validate()

@@ -7,19 +7,57 @@ took part: a device far behind replays at most K directions per round.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import UpdateInvalid
-from .zeroorder import Estimator, SeedPairs, TwoPointEstimator, ZeroOrderMethod, derive_seed
+from .zeroorder import Estimator, SeedPairs, TwoPointEstimator, ZeroOrderMethod, ZeroOrderSpec, derive_seed
 
 #: the paper's pool size for its billion-parameter runs
 DEFAULT_POOL = 4096
+#: FedKSeed-Pro clips each projected gradient to this magnitude before scoring seeds (the reference code's)
+PRO_CLIP = 1000.0
 
 
 class PoolSeeds(TwoPointEstimator):
+    def __init__(self, method: ZeroOrderMethod, task_seed: int) -> None:
+        super().__init__(method, task_seed)
+        # FedKSeed-Pro: probabilities exp(score) (a softmax of the min-max normalised scores), else uniform.
+        w = method.spec.seed_weights
+        self.weights = [math.exp(b / 255) for b in w] if w else None
+        self.population = range(method.spec.pool_size)
+
     def key(self, j: int) -> int:
-        return self.rng.randrange(self.spec.pool_size)
+        if self.weights is None:
+            return self.rng.randrange(self.spec.pool_size)
+        return self.rng.choices(self.population, weights=self.weights)[0]
+
+
+def seed_scores(spec: ZeroOrderSpec, history: Sequence[SeedPairs], direction_seed) -> bytes:
+    """FedKSeed-Pro's scores, one byte a pool seed: the mean |projected gradient| (clipped) of the seed over
+    the rounds that used it, min-max normalised to 0..255; a seed never used scores 0.
+
+    The reference code scores the devices' own gradients; the server here
+    keeps the rounds' means (what it replays), which is what it has after a
+    restart too.
+    """
+    index = {direction_seed(i): i for i in range(spec.pool_size)}
+    total = [0.0] * spec.pool_size
+    count = [0] * spec.pool_size
+    for pairs in history:
+        for seed, value in zip(pairs.seeds, pairs.values):
+            i = index.get(seed)
+            if i is not None:
+                total[i] += min(abs(value) / spec.learning_rate, PRO_CLIP)
+                count[i] += 1
+    score = [t / c if c else 0.0 for t, c in zip(total, count)]
+    lo, hi = min(score), max(score)
+    if hi <= lo:
+        return bytes(spec.pool_size)
+    return bytes(round(255 * (v - lo) / (hi - lo)) for v in score)
 
 
 @dataclass(frozen=True)
@@ -28,8 +66,14 @@ class FedKSeed(ZeroOrderMethod):
 
     def describe(self) -> str:
         s = self.spec
-        return (f"FedKSeed K {s.pool_size} (pool seed {s.pool_seed}) lr {s.learning_rate:g} eps {s.eps:g}, "
-                f"{s.perturbations} direction(s) a step")
+        return (f"FedKSeed{'-Pro' if s.weighted_seeds else ''} K {s.pool_size} (pool seed {s.pool_seed}) "
+                f"lr {s.learning_rate:g} eps {s.eps:g}, {s.perturbations} direction(s) a step")
+
+    def round_settings(self, history: Sequence[SeedPairs]) -> FedKSeed:
+        if not self.spec.weighted_seeds:
+            return self
+        return FedKSeed(dataclasses.replace(self.spec, seed_weights=seed_scores(self.spec, history,
+                                                                                  self.direction_seed)))
 
     def validate(self) -> None:
         super().validate()

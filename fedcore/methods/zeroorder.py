@@ -70,6 +70,8 @@ class ZeroOrderSpec:
     second_block: tuple[str, ...] = ()  # FedSPZO: tensor-name prefixes of the second block
     second_perturbations: int = 0       # FedSPZO: P2
     weight_decay: float = 0.0           # of the local steps; the round's step decays the weights the same
+    weighted_seeds: bool = False        # FedKSeed-Pro: sample pool seeds by their past gradients
+    seed_weights: bytes = b""           # ... this round's scores, one byte a pool seed (set in tasks)
 
     def validate(self) -> None:
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -83,6 +85,10 @@ class ZeroOrderSpec:
         if not (math.isfinite(self.weight_decay) and 0 <= self.learning_rate * self.weight_decay < 1):
             raise ValueError(f"weight_decay {self.weight_decay} with learning_rate {self.learning_rate}: "
                              f"learning_rate x weight_decay must be in [0, 1)")
+        if self.weighted_seeds and not self.pool_size:
+            raise ValueError("weighted seeds (FedKSeed-Pro) need a seed pool: method 'fedkseed'")
+        if self.seed_weights and len(self.seed_weights) != self.pool_size:
+            raise ValueError(f"{len(self.seed_weights)} seed weights for a pool of {self.pool_size}")
         if self.second_block and not 1 <= self.second_perturbations <= MAX_PERTURBATIONS:
             raise ValueError(f"zo_second_perturbations must be 1..{MAX_PERTURBATIONS}, got "
                              f"{self.second_perturbations}")
@@ -91,6 +97,7 @@ class ZeroOrderSpec:
         z.eps, z.perturbations, z.pool_size, z.pool_seed = self.eps, self.perturbations, self.pool_size, self.pool_seed
         z.second_perturbations = self.second_perturbations
         z.second_block[:] = list(self.second_block)
+        z.seed_weights = self.seed_weights
         z.directions = directions.SCHEME
 
     @classmethod
@@ -102,7 +109,8 @@ class ZeroOrderSpec:
         return cls(learning_rate=training.learning_rate, weight_decay=training.weight_decay, eps=z.eps,
                    perturbations=z.perturbations,
                    pool_size=z.pool_size, pool_seed=z.pool_seed, second_block=tuple(z.second_block),
-                   second_perturbations=z.second_perturbations)
+                   second_perturbations=z.second_perturbations, weighted_seeds=bool(z.seed_weights),
+                   seed_weights=z.seed_weights)
 
 
 # ------------------------------------------------------------------ the update
@@ -214,6 +222,10 @@ class ZeroOrderMethod(Method):
 
     def directions_per_step(self) -> int:
         return self.spec.perturbations
+
+    def round_settings(self, history: Sequence[SeedPairs]) -> ZeroOrderMethod:
+        """The method as this round's tasks carry it, given every earlier round's steps (default: as it is)."""
+        return self
 
     def update_norm(self, pairs: SeedPairs, state: Mapping[str, torch.Tensor]) -> float:
         """The L2 norm of the local move -lr sum v z (Rademacher directions are near-orthogonal: |z|^2 = d), the

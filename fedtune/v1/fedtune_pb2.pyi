@@ -187,13 +187,14 @@ class TrainingSettings(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., local_samples: _Optional[int] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., method: _Optional[str] = ..., zero_order: _Optional[_Union[ZeroOrderSettings, _Mapping]] = ...) -> None: ...
 
 class ZeroOrderSettings(_message.Message):
-    __slots__ = ("eps", "perturbations", "second_perturbations", "second_block", "pool_size", "pool_seed", "directions")
+    __slots__ = ("eps", "perturbations", "second_perturbations", "second_block", "pool_size", "pool_seed", "seed_weights", "directions")
     EPS_FIELD_NUMBER: _ClassVar[int]
     PERTURBATIONS_FIELD_NUMBER: _ClassVar[int]
     SECOND_PERTURBATIONS_FIELD_NUMBER: _ClassVar[int]
     SECOND_BLOCK_FIELD_NUMBER: _ClassVar[int]
     POOL_SIZE_FIELD_NUMBER: _ClassVar[int]
     POOL_SEED_FIELD_NUMBER: _ClassVar[int]
+    SEED_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     eps: float
     perturbations: int
@@ -201,8 +202,9 @@ class ZeroOrderSettings(_message.Message):
     second_block: _containers.RepeatedScalarFieldContainer[str]
     pool_size: int
     pool_seed: int
+    seed_weights: bytes
     directions: str
-    def __init__(self, eps: _Optional[float] = ..., perturbations: _Optional[int] = ..., second_perturbations: _Optional[int] = ..., second_block: _Optional[_Iterable[str]] = ..., pool_size: _Optional[int] = ..., pool_seed: _Optional[int] = ..., directions: _Optional[str] = ...) -> None: ...
+    def __init__(self, eps: _Optional[float] = ..., perturbations: _Optional[int] = ..., second_perturbations: _Optional[int] = ..., second_block: _Optional[_Iterable[str]] = ..., pool_size: _Optional[int] = ..., pool_seed: _Optional[int] = ..., seed_weights: _Optional[bytes] = ..., directions: _Optional[str] = ...) -> None: ...
 
 class SeedUpdate(_message.Message):
     __slots__ = ("seeds", "values", "blocks", "steps")
