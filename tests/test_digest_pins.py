@@ -27,7 +27,15 @@ PINS = {
                       "sha256:122192e780fdeaaa9997dd7f43119eb909ebadb15524cadf0b353dec5cb82bf5"),
     "lora-r8": (dict(lora_rank=8, learning_rate=1e-2),
                 "sha256:204ee4f63873e985c40ff0cd7eb18eb70cf083d84ee0d88ceb958a13d1c9ece6"),
+    # Pinned when the zero-order methods came (issue 17): the directions, the forward-only steps, the per-seed
+    # fold and the devices' replay (round 2's download) together.
+    "fedkseed": (dict(method="fedkseed", learning_rate=1e-4, zo_pool_size=64),
+                 "sha256:b2504a39f0a689e6a168abf5f7dc001b2bd1f8074b212e4600ed171799bc3533"),
+    "fedspzo-decay": (dict(method="fedspzo", learning_rate=1e-4, weight_decay=0.1),
+                      "sha256:306f593a7ce12d992f708b3b52f459d9887da551459282b8c036cb6277c876b5"),
 }
+# Zero-order devices that hold round 1's version replay round 2's seeds: a few KB for the three, not the model.
+REPLAYED = {"fedkseed", "fedspzo-decay"}
 
 
 @pytest.mark.parametrize("name", sorted(PINS))
@@ -40,3 +48,5 @@ def test_short_run_reproduces_its_pinned_digest(tmp_path, name):
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(len(r["participants"]) == 3 for r in rounds[1:]), rounds
     assert rounds[-1]["version"] == pinned, f"{name}: final model {rounds[-1]['version']}"
+    if name in REPLAYED:
+        assert rounds[2]["bytes_down"] < 3 * 20_000 < rounds[1]["bytes_down"], rounds[2]["bytes_down"]
