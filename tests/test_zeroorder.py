@@ -338,3 +338,70 @@ def test_fedkseed_pro_scores_seeds_by_their_past_gradients_and_devices_sample_by
     assert 0.5 / 64 < [uniform.key(0) for _ in range(4000)].count(0) / 4000 < 2 / 64, "uniform over the pool of 64"
     with pytest.raises(ValueError, match="seed weights"):
         FedKSeed(ZeroOrderSpec(pool_size=4, seed_weights=bytes(3))).validate()
+
+
+# ---------------------------------------------------------------- over gRPC
+def test_seed_updates_and_replays_over_grpc(tmp_path):
+    """A FedKSeed server: bad seed uploads get INVALID_ARGUMENT with the reason, a good one completes the round,
+    and a device holding round 0's version then gets a SeedReplay (a few hundred bytes), not the model."""
+    import grpc
+
+    from fedhelpers import start_server
+
+    cfg = tiny_server_config(tmp_path, insecure=True, method="fedkseed", zo_pool_size=64, learning_rate=1e-4,
+                             rounds=2, eval_size=0)
+    srv = start_server(cfg)
+    try:
+        stub = srv.stub("d1")
+        v0 = srv.coord.version
+        join = stub.Join(pb.JoinRequest(device_id="d1", num_samples=16), timeout=10)
+        task = stub.GetTask(pb.TaskRequest(device_id="d1", session_id=join.session_id), timeout=10)
+        assert task.kind == pb.Task.TRAIN and task.training.method == "fedkseed"
+        assert task.training.zero_order.pool_size == 64
+
+        def upload(pairs: SeedPairs) -> pb.UploadReply:
+            h = pb.UploadHeader(device_id="d1", session_id=join.session_id, task_id=task.task_id, round=task.round,
+                                base_version=task.model_version, num_samples=8)
+            pairs.to_proto(h.seeds)
+            return stub.Upload(iter([pb.UploadMessage(header=h)]), timeout=10)
+
+        with pytest.raises(grpc.RpcError) as e:
+            upload(SeedPairs([64], [0.5], [0], 1))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside the pool" in e.value.details()
+        # A refused update is settled for good: the device's next poll gets the next round's work, later.
+        state = srv.coord.snapshot()
+        assert [p["status"] for p in state["participants"]] == ["refused"]
+    finally:
+        srv.close()
+
+    srv = start_server(tiny_server_config(tmp_path / "ok", insecure=True, method="fedkseed", zo_pool_size=64,
+                                          learning_rate=1e-4, rounds=2, eval_size=0))
+    try:
+        stub = srv.stub("d1")
+        v0 = srv.coord.version
+        join = stub.Join(pb.JoinRequest(device_id="d1", num_samples=16), timeout=10)
+        task = stub.GetTask(pb.TaskRequest(device_id="d1", session_id=join.session_id), timeout=10)
+        h = pb.UploadHeader(device_id="d1", session_id=join.session_id, task_id=task.task_id, round=task.round,
+                            base_version=task.model_version, num_samples=8)
+        SeedPairs([3], [0.5], [0], 1).to_proto(h.seeds)
+        reply = stub.Upload(iter([pb.UploadMessage(header=h)]), timeout=10)
+        assert reply.complete and reply.digest.startswith("sha256:")
+        status = stub.UploadStatus(pb.UploadStatusRequest(device_id="d1", session_id=join.session_id,
+                                                          task_id=task.task_id), timeout=10)
+        assert status.complete
+        task2 = pb.Task()
+        for _ in range(60):  # polls answer WAIT until round 1 is aggregated and round 2 opens
+            task2 = stub.GetTask(pb.TaskRequest(device_id="d1", session_id=join.session_id), timeout=30)
+            if task2.kind == pb.Task.TRAIN:
+                break
+        assert task2.round == 2 and task2.model_version != v0
+        msgs = list(stub.Download(pb.DownloadRequest(device_id="d1", session_id=join.session_id,
+                                                     model_version=task2.model_version, base_version=v0),
+                                  timeout=10))
+        assert len(msgs) == 1 and msgs[0].WhichOneof("body") == "replay" and msgs[0].ByteSize() < 1000
+        held = build_model("tiny", seed=0).state_dict()
+        assert digest(held) == v0
+        out, version = replay(held, msgs[0].replay, v0)
+        assert version == task2.model_version == digest(out)
+    finally:
+        srv.close()
