@@ -32,7 +32,7 @@ from fedcore.wire import TransferSpec, codec_name, encoding_name, unique_tensors
 from fedserver.app import build_coordinator
 from fedserver.certs import write_fleet
 from fedserver.config import ServerConfig
-from fedserver.model import clone_state
+from fedcore.wire import clone_tied
 from fedserver.service import make_server
 from fedserver.storage import RoundLog, load_checkpoint
 from fedtune.v1 import fedtune_pb2 as pb
@@ -112,7 +112,7 @@ def run_attack(out: Path, shift: float = 1.0, claim: int = 1 << 40) -> AttackRes
     fleet = write_fleet(out / "pki", [HONEST, ATTACKER], ["127.0.0.1", "localhost"])
     cfg = server_config(out / "srv", fleet.server_settings())
     coord = build_coordinator(cfg)
-    base = clone_state(coord.state)[EMBEDDING]
+    base = clone_tied(coord.state)[EMBEDDING]
     server, port, _ = make_server(coord, cfg.listen, 16)
     server.start()
     loop = threading.Thread(target=coord.run, daemon=True)

@@ -199,15 +199,25 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
     return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
 
 
-def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch],
-               device: torch.device, times: StepTimes) -> tuple[Batch, float, None] | None:
-    """One training step, each phase timed into ``times``; (host batch, loss, None), or None when out of batches."""
+def load_batch(batches: Iterator[Batch], device: torch.device, times: StepTimes) -> tuple[Batch, Batch] | None:
+    """The next batch (host copy, on `device`), its loading timed into ``times``; None when out of batches."""
     t0 = time.perf_counter()
     host_batch = next(batches, None)
     if host_batch is None:
         return None
     batch = host_batch.to(device)
     synchronize(device)
+    times.batch_loading_s += time.perf_counter() - t0
+    return host_batch, batch
+
+
+def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch],
+               device: torch.device, times: StepTimes) -> tuple[Batch, float, None] | None:
+    """One training step, each phase timed into ``times``; (host batch, loss, None), or None when out of batches."""
+    loaded = load_batch(batches, device, times)
+    if loaded is None:
+        return None
+    host_batch, batch = loaded
     t1 = time.perf_counter()
     decoder_input_ids = model._shift_right(batch.labels)
     # use_cache=False: a training step has no use for the decoder's KV cache.
@@ -227,7 +237,6 @@ def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches
     synchronize(device)
     t5 = time.perf_counter()
 
-    times.batch_loading_s += t1 - t0
     times.forward_s += t2 - t1
     times.loss_s += t3 - t2
     times.backward_s += t4 - t3
@@ -240,13 +249,10 @@ def zero_order_step(model: torch.nn.Module, estimator: Estimator, params: list[t
                     batches: Iterator[Batch], device: torch.device, times: StepTimes
                     ) -> tuple[Batch, float, tuple[int, int]] | None:
     """One zero-order step, timed into ``times``; (host batch, loss, forward passes per block), or None."""
-    t0 = time.perf_counter()
-    host_batch = next(batches, None)
-    if host_batch is None:
+    loaded = load_batch(batches, device, times)
+    if loaded is None:
         return None
-    batch = host_batch.to(device)
-    synchronize(device)
-    times.batch_loading_s += time.perf_counter() - t0
+    host_batch, batch = loaded
     with torch.no_grad():
         loss, cost = estimator.step(model, params, batch, lambda: synchronize(device))
     times.forward_s += cost.forward_s

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from fedcore.methods import Method
-from fedcore.methods.zeroorder import apply_steps
-from fedcore.wire import (ErrorFeedback, FrozenStream, StateEncoder, TransferSpec, apply_delta, layout_of,
+from fedcore.methods.zeroorder import SeedPairs, apply_steps
+from fedcore.wire import (ErrorFeedback, clone_tied, FrozenStream, StateEncoder, TransferSpec, apply_delta, layout_of,
                           state_digest, subtract, tensor_wire_bytes, unique_tensors)
 
 from .errors import StateMismatch
@@ -62,7 +62,7 @@ class GlobalModel:
 
     def __init__(self, state: Mapping[str, torch.Tensor], method: Method, delta_keep: int) -> None:
         self.method = method
-        self.state = clone_state(state)
+        self.state = clone_tied(state)
         # What devices train and upload, and the strategy updates (None: every tensor).
         self.trainable_names: list[str] | None = method.trainable(self.state)
         self.layout = layout_of(self.state)
@@ -117,7 +117,7 @@ class GlobalModel:
     def seed_step(self, mean: SeedMean, number: int) -> NextVersion:
         """A zero-order round's next version: the steps the method makes of the mean values, added to a copy."""
         pairs = self.method.round_steps(mean.mean(), mean.scale())
-        new = clone_state(self.state)
+        new = clone_tied(self.state)
         apply_steps(new, pairs, self.method.spec.second_block)
         return NextVersion({e.name: e.tensor for e in unique_tensors(new)}, self.aliases(), self.version,
                            seeds=pairs, round=number)
@@ -239,17 +239,6 @@ class GlobalModel:
             self.seeds = found.seeds
 
 
-def clone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A detached CPU copy that keeps tied tensors tied (one clone per storage)."""
-    out: dict[str, torch.Tensor] = {}
-    for e in unique_tensors(state):
-        t = e.tensor.detach().to("cpu", copy=True).contiguous()
-        out[e.name] = t
-        for a in e.aliases:
-            out[a] = t
-    return {k: out[k] for k in state}
-
-
 def meta_json(meta: Mapping[str, str], key: str, item: type | None, rnd: int) -> Any:
     """A JSON list of `item`s (item None: an object) from a checkpoint's metadata, None if absent."""
     if key not in meta:
@@ -264,3 +253,4 @@ def meta_json(meta: Mapping[str, str], key: str, item: type | None, rnd: int) ->
         raise CheckpointError(f"checkpoint round {rnd}: metadata {key} is not "
                               f"{'a JSON object' if item is None else 'a list of ' + item.__name__}")
     return value
+

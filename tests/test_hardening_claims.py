@@ -19,7 +19,7 @@ from fedcore.batching import EncodedExample
 from fedcore.wire import StateEncoder, unique_tensors
 from fedclient.trainer import TrainSettings, _batches
 from fedserver.app import build_coordinator
-from fedserver.model import clone_state
+from fedcore.wire import clone_tied
 from fedserver.rounds import MAX_NUM_SAMPLES, Coordinator, RoundError, UpdateRefused
 from fedserver.storage import RoundLog
 from fedtune.v1 import fedtune_pb2 as pb
@@ -39,7 +39,7 @@ class Round:
         cfg = tiny_server_config(out, insecure=True, eval_size=0, round_deadline_s=600, upload_encoding="fp32",
                                  **over)
         self.coord: Coordinator = build_coordinator(cfg)
-        self.base = clone_state(self.coord.state)
+        self.base = clone_tied(self.coord.state)
         self.sessions: dict[str, str] = {}
         self.thread = threading.Thread(target=self.coord.run, daemon=True)
         self.thread.start()
@@ -61,7 +61,7 @@ class Round:
     def update(self, changes: dict[str, float] | None = None, seed: int = 0, noise: float = 1e-3
                ) -> dict[str, torch.Tensor]:
         """The global model with `changes` added to canonical tensors, plus small noise; ties kept."""
-        state = clone_state(self.base)
+        state = clone_tied(self.base)
         g = torch.Generator().manual_seed(seed)
         for e in unique_tensors(state):
             if e.tensor.is_floating_point():

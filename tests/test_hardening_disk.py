@@ -26,7 +26,7 @@ from fedcore.channel import ClientSecurity, open_channel
 from fedcore import tensorfile
 from fedcore.tensorfile import map_tensors
 from fedcore.wire import TransferSpec, codec_name, encoding_name, unique_tensors
-from fedserver.model import clone_state
+from fedcore.wire import clone_tied
 from fedserver.storage import RoundLog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -78,7 +78,7 @@ def test_disk_recreating_a_staging_file_leaves_an_older_mapping_intact(tmp_path)
 
 def _send(ch: grpc.Channel, dev: str, sid: str, task: pb.Task, base: dict[str, torch.Tensor]) -> pb.UploadReply:
     """The global model plus a small change on every float tensor, ties kept, sent without retries."""
-    state = clone_state(base)
+    state = clone_tied(base)
     for e in unique_tensors(state):
         if e.tensor.is_floating_point():
             e.tensor.add_(1e-3)
@@ -99,7 +99,7 @@ def test_disk_full_upload_is_refused_as_exhausted_and_the_device_can_retry(tmp_p
     cfg = tiny_server_config(tmp_path / "srv", rounds=1, devices_per_round=1, eval_size=0, round_deadline_s=600)
     srv = start_server(cfg)
     try:
-        base = clone_state(srv.coord.state)
+        base = clone_tied(srv.coord.state)
         ch = srv.channel("d1")
         sid, task = join_and_wait(pbg.FederationStub(ch), "d1")
         with monkeypatch.context() as m:

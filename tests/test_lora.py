@@ -21,7 +21,7 @@ from fedcore.models import build_model, t5_config
 from fedcore.wire import TransferSpec, digest, unique_tensors
 from fedserver.app import build_coordinator
 from fedserver.config import ServerConfig
-from fedserver.model import clone_state
+from fedcore.wire import clone_tied
 from fedlab.simulate import SimulateConfig, run
 from fedserver.storage import CheckpointDir, RoundLog, load_checkpoint
 from fedtune.v1 import fedtune_pb2 as pb
@@ -188,7 +188,7 @@ def test_lora_exchange_and_aggregation_round_trip(tmp_path):
     cfg = lora_cfg(tmp_path / "srv", rounds=2, devices_per_round=2, min_updates=2, local_steps=4)
     srv = start_server(cfg)
     try:
-        init = clone_state(srv.coord.state)  # ties kept
+        init = clone_tied(srv.coord.state)  # ties kept
         b_names = lora.trainable_names(init)
         devs = join_all(srv, ["d1", "d2"])
         g = torch.Generator().manual_seed(7)

@@ -17,7 +17,8 @@ from fedserver.app import build_coordinator
 from fedserver.downloads import DownloadPlanner
 from fedserver.errors import StateMismatch
 from fedserver.intake import UploadIntake
-from fedserver.model import GlobalModel, clone_state
+from fedcore.wire import clone_tied
+from fedserver.model import GlobalModel
 from fedserver.roundstate import Assignment, RoundError, RoundState, UpdateRefused
 from fedserver.storage import RoundLog
 from fedserver.strategy import RunningMean, make_strategy
@@ -57,7 +58,7 @@ def test_global_model_steps_commits_versions_and_keeps_ties(base_state):
 
 def test_global_model_broadcast_delta_is_what_a_device_applies(base_state):
     model = GlobalModel(base_state, FullFineTuning(), delta_keep=2)
-    v0, held = model.version, clone_state(model.state)
+    v0, held = model.version, clone_tied(model.state)
     model.commit(model.step(make_strategy("fedavg"), shifted(model, 0.01), INT8))
     chain = model.history.chain(v0, model.version)
     assert chain is not None and len(chain) == 1
@@ -169,7 +170,7 @@ def test_intake_refuses_what_is_not_this_rounds(tmp_path, base_state):
 def test_intake_bounds_the_weight_folds_in_device_order_and_refuses_big_norms(tmp_path, base_state):
     t = Intake(tmp_path, base_state, max_update_norm=1000.0)
     a1, a2, a3 = t.assign("d1"), t.assign("d2"), t.assign("d3")
-    up1, up2 = clone_state(t.model.state), clone_state(t.model.state)
+    up1, up2 = clone_tied(t.model.state), clone_tied(t.model.state)
     up1["shared.weight"] += 1.0
     up2["shared.weight"] -= 1.0
     s2 = t.upload(a2, up2, claim=8)
@@ -177,7 +178,7 @@ def test_intake_bounds_the_weight_folds_in_device_order_and_refuses_big_norms(tm
     assert (a1.num_samples, a1.claimed_samples) == (16, 1 << 30) and "at most 16" in a1.weight_cut
     t.intake.finish(s2, lambda: t.cur)
     t.intake.finish(s1, lambda: t.cur)
-    bad = clone_state(t.model.state)
+    bad = clone_tied(t.model.state)
     bad["shared.weight"] += 100.0
     with pytest.raises(UpdateRefused, match="exceeds max_update_norm 1000"):
         t.intake.finish(t.upload(a3, bad, claim=8), lambda: t.cur)
@@ -205,7 +206,7 @@ def test_a_straggler_round_closes_at_its_deadline_on_a_fake_clock(tmp_path):
     task = coord.next_task("fast", sessions["fast"], 600.0)
     while task.kind != pb.Task.TRAIN:
         task = coord.next_task("fast", sessions["fast"], 600.0)
-    update = clone_state(coord.state)
+    update = clone_tied(coord.state)
     update["shared.weight"] += 0.1
     enc = StateEncoder(update, cfg.upload_spec())
     h = pb.UploadHeader(device_id="fast", session_id=sessions["fast"], task_id=task.task_id, round=1,

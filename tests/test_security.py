@@ -16,7 +16,7 @@ from fedcore.channel import ClientSecurity, open_channel
 from fedcore.wire import unique_tensors
 from fedserver.certs import DEVICE_URI
 from fedserver.cli import main as fedserver_main
-from fedserver.model import clone_state
+from fedcore.wire import clone_tied
 from fedserver.storage import RoundLog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -193,7 +193,7 @@ def test_nan_and_oversized_updates_are_refused_and_the_round_goes_on(tmp_path, p
                              round_deadline_s=3600, max_update_norm=100.0, clip_update_norm=0.5)
     srv = start_server(cfg)
     try:
-        base = clone_state(srv.coord.state)  # ties kept, as a device's state dict has them
+        base = clone_tied(srv.coord.state)  # ties kept, as a device's state dict has them
         version = srv.coord.version
 
         devs = ["honest", "nan", "huge", "big"]

@@ -20,7 +20,8 @@ from fedcore.models import build_model, load_tokenizer
 from fedcore.wire import WireError, digest
 from fedserver.downloads import DownloadPlanner
 from fedserver.intake import UploadIntake
-from fedserver.model import GlobalModel, clone_state
+from fedcore.wire import clone_tied
+from fedserver.model import GlobalModel
 from fedserver.roundstate import Assignment, RoundState, UpdateRefused
 from fedserver.storage import CheckpointDir
 from fedserver.strategy import SeedMean, make_strategy
@@ -262,9 +263,9 @@ def test_replay_reaches_the_servers_digest_after_missed_rounds_and_a_restart(tmp
     method = METHODS[name]
     model = GlobalModel(base_state, method, delta_keep=1)
     plan = DownloadPlanner(model, TransferSpec("fp32", "none"), "weights")
-    held = {0: (model.version, clone_state(model.state))}
+    held = {0: (model.version, clone_tied(model.state))}
     run_rounds(model, 1, 2)
-    held[2] = (model.version, clone_state(model.state))
+    held[2] = (model.version, clone_tied(model.state))
     run_rounds(model, 3, 1)
     # The server stops after round 3 and resumes from its checkpoint.
     ckpt = CheckpointDir(tmp_path / "ckpt", keep=2)
@@ -291,7 +292,7 @@ def test_replay_reaches_the_servers_digest_after_missed_rounds_and_a_restart(tmp
 
 def test_a_damaged_replay_fails_its_digest_check(base_state):
     model = GlobalModel(base_state, METHODS["mezo"], delta_keep=1)
-    v0, held = model.version, clone_state(model.state)
+    v0, held = model.version, clone_tied(model.state)
     run_rounds(model, 1, 1)
     msg = DownloadPlanner(model, TransferSpec("fp32", "none"), "weights").replay(v0)
     msg.rounds[0].values[0] *= 2

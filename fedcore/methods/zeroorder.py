@@ -282,7 +282,7 @@ def replay(base: Mapping[str, torch.Tensor], msg: pb.SeedReplay, held_version: s
                                                                                                str]:
     """The model `msg` leads to from `base` (exactly `held_version`), on fresh tensors (a base mapped from a
     cache file stays as it is); (state, version). WireError "digest" when it does not end on that version."""
-    from fedcore.wire import WireError, digest
+    from fedcore.wire import WireError, clone_tied, digest
 
     if msg.directions != directions.SCHEME:
         raise WireError("payload", f"the replay's directions are {msg.directions!r}, this device generates "
@@ -307,18 +307,6 @@ def replay(base: Mapping[str, torch.Tensor], msg: pb.SeedReplay, held_version: s
         raise WireError("digest", f"replaying {len(msg.rounds)} round(s) of seeds ended on {got[:19]}..., not "
                                   f"{version[:19]}...")
     return state, version
-
-
-def clone_tied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CPU copy that keeps tied tensors tied (one clone per storage)."""
-    from fedcore.wire import unique_tensors
-
-    out: dict[str, torch.Tensor] = {}
-    for e in unique_tensors(state):
-        t = e.tensor.detach().to("cpu", copy=True).contiguous()
-        for name in (e.name, *e.aliases):
-            out[name] = t
-    return {k: out[k] for k in state}
 
 
 # ------------------------------------------------------------------ the device's step

@@ -52,6 +52,16 @@ def unique_tensors(state: Mapping[str, torch.Tensor]) -> list[TensorEntry]:
     return out
 
 
+def clone_tied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached, contiguous CPU copy that keeps tied tensors tied (one clone per storage), in state order."""
+    out: dict[str, torch.Tensor] = {}
+    for e in unique_tensors(state):
+        t = e.tensor.detach().to("cpu", copy=True).contiguous()
+        for name in (e.name, *e.aliases):
+            out[name] = t
+    return {k: out[k] for k in state}
+
+
 def state_digest(entries: list[TensorEntry]) -> str:
     """sha256 over names, aliases, dtypes, shapes and bytes, streaming tensor by tensor."""
     h = hashlib.sha256()
