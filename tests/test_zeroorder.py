@@ -5,6 +5,7 @@ import math
 import threading
 import uuid
 
+import grpc
 import pytest
 import torch
 
@@ -345,8 +346,6 @@ def test_fedkseed_pro_scores_seeds_by_their_past_gradients_and_devices_sample_by
 def test_seed_updates_and_replays_over_grpc(tmp_path):
     """A FedKSeed server: bad seed uploads get INVALID_ARGUMENT with the reason, a good one completes the round,
     and a device holding round 0's version then gets a SeedReplay (a few hundred bytes), not the model."""
-    import grpc
-
     from fedhelpers import start_server
 
     cfg = tiny_server_config(tmp_path, insecure=True, method="fedkseed", zo_pool_size=64, learning_rate=1e-4,
@@ -406,3 +405,50 @@ def test_seed_updates_and_replays_over_grpc(tmp_path):
         assert version == task2.model_version == digest(out)
     finally:
         srv.close()
+
+
+# ---------------------------------------------------------------- the device's pending seed update
+class LinkDown(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "link down"
+
+
+class SeedStub:
+    """A fake server for seed uploads: the first `fail` calls break, then it takes the update."""
+
+    def __init__(self, fail: int = 0, holds: bool = False) -> None:
+        self.fail, self.calls, self.got, self.holds = fail, 0, None, holds
+
+    def Upload(self, messages, timeout=None, wait_for_ready=None):
+        self.calls += 1
+        msgs = list(messages)
+        if self.calls <= self.fail:
+            raise LinkDown()
+        self.got, self.holds = msgs[0].header, True
+        return pb.UploadReply(complete=True, digest="sha256:x")
+
+    def UploadStatus(self, request, timeout=None):
+        return pb.UploadStatusReply(known=False, complete=self.holds)
+
+
+def test_a_pending_seed_update_survives_a_restart_and_is_sent_whole_once(tmp_path):
+    from fedclient.statedir import PendingUpload, StateDir
+    from fedclient.transfer import Limits, upload_seeds
+
+    pairs = SeedPairs([(1 << 64) - 5, 7], [0.25, -1.5], [FIRST, SECOND], steps=1)
+    StateDir(tmp_path).uploads.save(PendingUpload("t1", 3, "sha256:base", 8, {}, form="seeds"),
+                                    [(k, v, []) for k, v in pairs.to_tensors().items()])
+    pending, kept = StateDir(tmp_path).uploads.load()
+    assert pending.form == "seeds" and SeedPairs.from_tensors(kept) == pairs, "uint64 seeds survive bit for bit"
+    stub = SeedStub(fail=2)
+    reply, stats = upload_seeds(stub, pb.UploadHeader(task_id="t1"), kept, Limits(stall_s=0), lambda _: None)
+    assert reply.complete and stats.attempts == 3 and stats.bytes_resent == 2 * stats.bytes // 3
+    assert SeedPairs.from_proto(stub.got.seeds) == pairs
+    # A restarted daemon whose update the server already holds sends nothing.
+    done = SeedStub(holds=True)
+    reply, stats = upload_seeds(done, pb.UploadHeader(task_id="t1"), kept, Limits(stall_s=0), lambda _: None,
+                                resume=True)
+    assert reply.complete and done.calls == 0 and stats.bytes == 0
