@@ -443,11 +443,11 @@ class Daemon:
             self._drop_unsent()
             return None
         if ustats.attempts:
-            what = ("(seed, value) pairs" if pending.form == "seeds"
-                    else f"{spec.payload} {spec.encoding}/{spec.codec}")
-            log.info("round %d: uploaded %s bytes (%s) in %.2f s (+%.3f s server ack), %d attempts, "
-                     "%d bytes re-sent", pending.round, f"{ustats.bytes:,}", what, ustats.seconds, ustats.wait_s,
-                     ustats.attempts, ustats.bytes_resent)
+            # A seed update is a few hundred bytes: in MB it would read 0.00.
+            size, what = ((f"{ustats.bytes} bytes", "(seed, value) pairs") if pending.form == "seeds"
+                          else (f"{ustats.bytes / 1e6:.2f} MB", f"{spec.payload} {spec.encoding}/{spec.codec}"))
+            log.info("round %d: uploaded %s (%s) in %.2f s (+%.3f s server ack), %d attempts, %d bytes re-sent",
+                     pending.round, size, what, ustats.seconds, ustats.wait_s, ustats.attempts, ustats.bytes_resent)
         else:
             log.info("round %d: the server already held the whole update of task %s", pending.round,
                      pending.task_id[:8])
