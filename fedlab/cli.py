@@ -97,10 +97,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run_scenario  # imports torch via fedserver: keep other commands fast
 
     try:
-        return run_scenario(args.scenario, {"out": args.out, "rounds": args.rounds, "encoding": args.encoding,
-                                            "codec": args.codec, "round_policy": args.policy})
+        return run_scenario(args.scenario, {**settings(args.set), "out": args.out, "rounds": args.rounds,
+                                            "encoding": args.encoding, "codec": args.codec,
+                                            "round_policy": args.policy})
     except (cfgmod.ConfigError, ValueError) as exc:
         raise netem_cli.UsageError(str(exc)) from None
+
+
+def settings(pairs: list[str]) -> dict[str, object]:
+    """`--set KEY=VALUE` overrides: VALUE as a TOML value (1e-3, true, "x"), else as text (mezo)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set method=mezo")
+        try:
+            out[key.strip()] = cfgmod.tomllib.loads(f"v = {value}")["v"]
+        except cfgmod.tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
@@ -137,6 +152,9 @@ def netem_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=None, help="override the scenario's wire codec")
     p.add_argument("--policy", default=None, choices=("steps", "samples", "time"),
                    help="override the scenario's round policy")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting of the scenario, server or devices by its name (repeatable), "
+                        "e.g. --set method=mezo --set learning_rate=1e-3")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("policies", help="run a scenario once per round policy (steps, samples, time) and print "

@@ -45,3 +45,19 @@ def test_python_m_fedlab_is_both_scripts():
     assert sim.returncode == 2 and sim.stderr.strip().startswith("fedserver: error: --rounds must be >= 1"), sim.stderr
     scen = run("netem", "run", "no-such-scenario")
     assert scen.returncode == 2 and "ready scenarios: " in scen.stderr and "hetero" in scen.stderr, scen.stderr
+
+
+def test_netem_run_set_overrides_any_setting_by_name():
+    from fedcore.config import ConfigError
+    from fedlab.cli import settings
+    from fedlab.runner import load_scenario
+
+    assert settings(["method=mezo", "learning_rate=1e-2", "insecure=true", 'zo_second_block="decoder."']) == {
+        "method": "mezo", "learning_rate": 1e-2, "insecure": True, "zo_second_block": "decoder."}
+    cfg = load_scenario("zero-order-lte", settings(["lora_rank=8", "learning_rate=1e-2"]))
+    assert cfg.server.build_method().name == "lora" and cfg.server.learning_rate == 1e-2
+    assert load_scenario("zero-order-lte", settings(["method=fedkseed"])).server.build_method().name == "fedkseed"
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        settings(["method"])
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_scenario("zero-order-lte", settings(["no_such_key=1"]))
