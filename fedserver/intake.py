@@ -197,8 +197,7 @@ class UploadIntake:
         if method.update_form != "seeds":
             raise RoundError("invalid", f"this run's method ({method.describe()}) takes tensor uploads (a manifest "
                                         f"and chunks), not (seed, value) pairs")
-        if a.task_id in self.sessions:  # a chunked upload for the task cannot be going on: refuse both forms
-            del self.sessions[a.task_id]
+        self.sessions.pop(a.task_id, None)  # a seed run stages no chunked uploads; none may linger for the task
         weight, cut = self.bounded_weight(cur, a, h.num_samples)
         pairs = SeedPairs.from_proto(h.seeds)
         bound, _ = weight_bound(a, self.cfg.batch_size, self.cfg.local_epochs)

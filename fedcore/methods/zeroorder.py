@@ -366,7 +366,10 @@ class Estimator:
         """Weight decay (theta -= lr wd theta, as MeZO's step), then count the step."""
         factor = 1.0 - self.spec.learning_rate * self.spec.weight_decay
         if factor != 1.0:
-            self.timed(cost, "perturb_s", sync, lambda: [t.mul_(factor) for _, t in params] and None)
+            def decay() -> None:
+                for _, t in params:
+                    t.mul_(factor)
+            self.timed(cost, "perturb_s", sync, decay)
         self.steps += 1
 
 
