@@ -33,7 +33,7 @@ from fedcore import directions
 from fedcore.batching import Batch
 from fedcore.flops import T5Shape
 from fedcore.methods import FedSPZO, MeZO
-from fedcore.methods.zeroorder import T5_SECOND_BLOCK, ZeroOrderSpec
+from fedcore.methods.zeroorder import T5_SECOND_BLOCK, ZeroOrderSpec, perturbed
 
 
 @dataclass
@@ -80,7 +80,7 @@ def backprop_row(model: torch.nn.Module, batch: Batch, steps: int, shape: T5Shap
 def zero_order_row(label: str, method, model: torch.nn.Module, batch: Batch, steps: int, shape: T5Shape) -> Row:
     trainee = method.bind(model)
     est = trainee.start(7)
-    params = [(n, p.data) for n, p in model.named_parameters()]
+    params = perturbed(model)
     model.eval()
     secs, fwd, pert, flops = [], [], [], 0.0
     with torch.no_grad():
@@ -98,7 +98,7 @@ def zero_order_row(label: str, method, model: torch.nn.Module, batch: Batch, ste
 
 def direction_cost(model: torch.nn.Module, reps: int = 3) -> tuple[float, int]:
     """Seconds to generate and add one direction over every weight, and the weights' count."""
-    params = [(n, p.data) for n, p in model.named_parameters()]
+    params = perturbed(model)
     out = []
     with torch.no_grad():
         for i in range(reps):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fedcore.batching import IGNORE_INDEX, Batch, EncodedExample, encode_examples, iterate_batches
 from fedcore.data import Example
 from fedcore.flops import T5Shape, forward_flops, training_flops
-from fedcore.methods.zeroorder import Estimator
+from fedcore.methods.zeroorder import Estimator, perturbed
 
 
 @dataclass
@@ -139,7 +139,7 @@ def train_local(
     model.to(device)
     model.train(zero_order is None)
     optimizer = make_optimizer(model, settings) if zero_order is None else None
-    params = [(n, p.data) for n, p in model.named_parameters() if p.is_floating_point()]
+    params = perturbed(model) if zero_order is not None else []
 
     times = StepTimes()
     losses: list[float] = []

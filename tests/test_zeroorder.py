@@ -15,8 +15,8 @@ from fedcore.clock import FakeClock
 from fedcore.config import ConfigError
 from fedcore.data import synthetic_corpus
 from fedcore.methods import FedKSeed, FedSPZO, MeZO, UpdateInvalid, from_task
-from fedcore.methods.zeroorder import (FIRST, SECOND, WHOLE, T5_SECOND_BLOCK, SeedPairs, ZeroOrderSpec, replay,
-                                       t5_loss)
+from fedcore.methods.zeroorder import (FIRST, SECOND, WHOLE, T5_SECOND_BLOCK, SeedPairs, ZeroOrderSpec, perturbed,
+                                       replay, t5_loss)
 from fedcore.models import build_model, load_tokenizer
 from fedcore.wire import WireError, digest
 from fedserver.downloads import DownloadPlanner
@@ -137,7 +137,7 @@ def test_local_steps_move_the_model_as_the_uploaded_pairs_say(base_state, name):
     model.load_state_dict(base_state)
     trainee = method.bind(model)
     est = trainee.start(1234)
-    params = [(n, p.data) for n, p in model.named_parameters()]
+    params = perturbed(model)
     batch = tiny_batch()
     model.eval()
     with torch.no_grad():

@@ -47,13 +47,16 @@ class Trainee:
     weight_grads: ClassVar[bool] = True
     #: binding changed the model's modules (peft layers): a different method needs a freshly built model.
     alters_model: ClassVar[bool] = False
-    #: what the update is: "tensors" (trained by backprop, streamed in chunks) or "seeds" ((seed, scalar) pairs of
-    #: a zero-order method, which trains by its own forward-only steps: `start`)
-    update_form: ClassVar[str] = "tensors"
 
     def __init__(self, method: Method, model: torch.nn.Module) -> None:
         self.method = method
         self.model = model
+
+    @property
+    def update_form(self) -> str:
+        """The method's: "tensors" (trained by backprop, streamed in chunks) or "seeds" ((seed, scalar) pairs of
+        a zero-order method, which trains by its own forward-only steps: `start`)."""
+        return self.method.update_form
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         """Put the downloaded global state into the model."""

@@ -310,6 +310,12 @@ def replay(base: Mapping[str, torch.Tensor], msg: pb.SeedReplay, held_version: s
 
 
 # ------------------------------------------------------------------ the device's step
+def perturbed(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a direction moves, in a fixed order, tied ones once under their first name (as the
+    server's state lists them)."""
+    return [(n, p.data) for n, p in model.named_parameters() if p.is_floating_point()]
+
+
 @dataclass
 class StepCost:
     """One zero-order step: seconds in forward passes and in perturbing, and the forward passes per block."""
@@ -377,7 +383,6 @@ class ZeroOrderTrainee(Trainee):
     """The model as a zero-order method trains it: every weight, forward passes only."""
 
     weight_grads: ClassVar[bool] = False
-    update_form: ClassVar[str] = "seeds"
 
     def __init__(self, method: ZeroOrderMethod, model: torch.nn.Module) -> None:
         super().__init__(method, model)
@@ -391,10 +396,6 @@ class ZeroOrderTrainee(Trainee):
         assert isinstance(self.method, ZeroOrderMethod)
         self.estimator = self.method.estimator(task_seed)
         return self.estimator
-
-    def params(self) -> list[tuple[str, torch.Tensor]]:
-        """The perturbed tensors in a fixed order, tied ones once under their first name (as the server's state)."""
-        return [(n, p.data) for n, p in self.model.named_parameters() if p.is_floating_point()]
 
     def update_state(self) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
         assert self.estimator is not None, "update_state before training"
