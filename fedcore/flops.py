@@ -81,6 +81,46 @@ class T5Shape:
                    gated=p.feed_forward_proj.startswith("gated"), tied_lm_head=p.tie_word_embeddings)
 
 
+def shape_of_state(state: Any) -> T5Shape:
+    """The T5Shape of a T5 state dict, from its tensors' names and shapes (a server may hold no config)."""
+    names = list(state)
+    shared = state["shared.weight"]
+    q = state["encoder.block.0.layer.0.SelfAttention.q.weight"]
+    heads = state["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape[1]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
+    wi = state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+
+    def blocks(stack: str) -> int:
+        return len({n.split(".")[2] for n in names if n.startswith(f"{stack}.block.")})
+
+    head = state.get("lm_head.weight")
+    return T5Shape(d_model=shared.shape[1], d_kv=q.shape[0] // heads, num_heads=heads, d_ff=wi.shape[0],
+                   num_layers=blocks("encoder"), num_decoder_layers=blocks("decoder"), vocab_size=shared.shape[0],
+                   gated=gated, tied_lm_head=head is None or (head.device.type != "meta"
+                                                                and head.data_ptr() == shared.data_ptr()))
+
+
+def block_forward_flops(shape: T5Shape, input_len: float, target_len: float) -> tuple[float, float, float]:
+    """Forward FLOPs of one example through (one encoder block, one decoder block, the lm_head): the terms of
+    :func:`forward_flops`, per block."""
+    d, a, f, V, m = shape.d_model, shape.attn_width, shape.d_ff, shape.vocab_size, shape.ffn_matrices
+    S, T = float(input_len), float(target_len)
+    enc = 2 * S * (4 * d * a + m * d * f) + 4 * a * S * S
+    dec = 2 * (S * 2 * d * a + T * (6 * d * a + m * d * f)) + 4 * a * (T * T + T * S)
+    return enc, dec, 2 * T * d * V
+
+
+def partial_training_flops(shape: T5Shape, input_len: float, target_len: float, decoder_blocks: int,
+                           encoder_blocks: int = 0) -> float:
+    """Model FLOPs of a step that trains only the output side: the lm_head, the last `decoder_blocks` decoder
+    blocks and, beyond them, the last `encoder_blocks` encoder blocks. Everything runs forward; the backward
+    pass (activation and weight gradients: twice the forward) runs only from the loss down to the earliest
+    trained block. With every block trained this is :func:`training_flops`."""
+    enc, dec, head = block_forward_flops(shape, input_len, target_len)
+    forward = shape.num_layers * enc + shape.num_decoder_layers * dec + head
+    return forward + 2 * (head + decoder_blocks * dec + encoder_blocks * enc)
+
+
 def training_flops(shape: T5Shape, input_len: float, target_len: float, weight_grads: bool = True) -> float:
     """Model FLOPs of one training step (forward + backward) on one example; see the module docstring.
 
