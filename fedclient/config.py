@@ -60,6 +60,16 @@ class ClientConfig:
                                                                     "each measured training step (1: off)", ge=1))
     max_batch_size: int = field(default=0, metadata=described("largest minibatch this device fits (0: the server's)",
                                                               ge=0))
+    # budgets for one round (methods that plan each device's part: layerwise, smha)
+    memory_budget_mb: float = field(default=0.0, metadata=described(
+        "peak training memory this device may use, MiB (0: measured at start: the accelerator's memory, else the "
+        "RAM available)", ge=0))
+    compute_budget_tflop: float = field(default=0.0, metadata=described(
+        "model TFLOPs of one round's local training (0: no limit)", ge=0))
+    upload_budget_mb: float = field(default=0.0, metadata=described("wire MB of one update (0: no limit)", ge=0))
+    head_fraction: float = field(default=0.0, metadata=described(
+        "smha: share of the attention heads this device trains, 0.25, 0.5 or 1 (0: the server's plan chooses)",
+        ge=0, le=1))
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
     # security: TLS unless insecure is set explicitly
     tls_ca: Path | None = field(default=None, metadata=described("CA that signed the server certificate (PEM; "
@@ -92,6 +102,9 @@ class ClientConfig:
         if self.hardware:
             from fedcore.hardware import from_table
             from_table(self.hardware)  # raises with the known keys
+        if self.head_fraction not in (0.0, 0.25, 0.5, 1.0):
+            raise ConfigError(f"head_fraction must be 0 (the plan chooses), 0.25, 0.5 or 1, got {self.head_fraction:g}",
+                              "head_fraction")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError(f"retry_max_s must be at least retry_initial_s ({self.retry_initial_s:g}), got "
                               f"{self.retry_max_s:g}", "retry_max_s")

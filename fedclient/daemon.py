@@ -38,6 +38,8 @@ from .transfer import Limits, TransferStats, fetch, upload, upload_seeds
 
 # The server turned down a task-level request (round closed, task not ours): drop that work, keep serving.
 TASK_GONE = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND)
+# An upload answered INVALID_ARGUMENT was refused for good (its manifest or content): sending it again cannot help.
+UPDATE_GONE = (*TASK_GONE, grpc.StatusCode.INVALID_ARGUMENT)
 
 log = logging.getLogger("fedclient")
 
@@ -145,7 +147,20 @@ class Daemon:
         accel = f"cuda:{torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else "cpu"
         return pb.Capabilities(accelerator=accel, memory_bytes=psutil.virtual_memory().total,
                                software_version=fedcore.__version__, encodings=list(ENCODINGS.values()),
-                               codecs=list(CODECS.values()), cpu_count=os.cpu_count() or 1)
+                               codecs=list(CODECS.values()), cpu_count=os.cpu_count() or 1, budgets=self._budgets())
+
+    def _budgets(self) -> pb.Budgets:
+        """What this device may spend on a round: its config, else memory measured now."""
+        c = self.cfg
+        if c.memory_budget_mb > 0:
+            memory, source = int(c.memory_budget_mb * 2**20), "config"
+        elif self.device.type == "cuda":
+            memory, source = torch.cuda.get_device_properties(self.device).total_memory, "cuda"
+        else:
+            memory, source = psutil.virtual_memory().available, "ram"
+        return pb.Budgets(memory_bytes=memory, compute_flops=c.compute_budget_tflop * 1e12,
+                          upload_bytes=int(c.upload_budget_mb * 1e6), memory_source=source,
+                          head_fraction=c.head_fraction)
 
     # --------------------------------------------------------------- loop
     def run(self) -> int:
@@ -314,7 +329,7 @@ class Daemon:
             self._last_down_bytes = max(self._last_down_bytes, bytes_down)
             replayed, replay_s = dstats.replayed, dstats.replay_s
             how = f" as {deltas} broadcast delta(s), digest checked" if deltas else (
-                " as its trainable tensors only, digest checked" if dstats.patched else (
+                " as the tensors changed since the version it held, digest checked" if dstats.patched else (
                     f" as {replayed} round(s) of seeds, replayed in {replay_s:.2f} s, digest checked" if replayed
                     else ""))
             log.info("round %d: downloaded %.2f MB in %.2f s (%d attempts)%s", task.round, bytes_down / 1e6, t_down,
@@ -340,10 +355,13 @@ class Daemon:
         state, aliases = trainee.update_state()
         residual = None
         if spec.payload == "delta" and trainee.update_form == "tensors":
-            state = subtract(state, self.base)
+            state = subtract(state, trainee.update_base(self.base))
             if up.error_feedback:
-                state, _, residual = self.feedback.compensate(state, spec.encoding_id, spec.block_size,
-                                                              spec.chunk_elems)
+                # Residuals are keyed by what of a tensor they belong to: another head set starts from zero.
+                keys = {trainee.residual_key(k): k for k in state}
+                sent, _, residual = self.feedback.compensate({key: state[k] for key, k in keys.items()},
+                                                             spec.encoding_id, spec.block_size, spec.chunk_elems)
+                state = {k: sent[key] for key, k in keys.items()}
         st = result.step_times
         extra = {"tokens_per_s": result.tokens_per_s, "steps": float(result.steps), "batch_size": float(batch),
                  "compute_slowdown": self.cfg.compute_slowdown, "emulated_sleep_s": result.emulated_sleep_s,
@@ -431,7 +449,7 @@ class Daemon:
                                        on_progress=self._beat)
         except grpc.RpcError as exc:
             code = exc.code()  # type: ignore[attr-defined]
-            if code not in TASK_GONE:
+            if code not in UPDATE_GONE:
                 raise  # link or server trouble: the update is kept (memory, disk) for the next attempt
             if code == grpc.StatusCode.FAILED_PRECONDITION and self._session_lost_for != pending.task_id:
                 # Maybe only our session is gone (server restarted, liveness expired): join again and ask

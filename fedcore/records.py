@@ -97,6 +97,8 @@ class DeviceRound(_Record):
     reason: str | Absent = ABSENT  # why the update was refused
     upload_encoding: str | Absent = ABSENT  # link-aware choice (omitted: the configured one)
     encoding_reason: str | Absent = ABSENT
+    plan: str | Absent = ABSENT  # methods with plans: what the device trained, and why the planner chose it
+    trained_params: int | Absent = ABSENT  # elements of the tensors (or heads' slices) its plan trained
     # What the device reported (DEVICE_METRIC_KEYS), present when its metrics held them.
     t_comp_s: float | Absent = ABSENT
     t_down_s: float | Absent = ABSENT

@@ -51,6 +51,8 @@ LAUNCHER_CLIENT_KEYS = ("server", "device_id", "data_seed", "partitions", "parti
 MAX_DATA_SEED = (1 << 32) - 1
 # Where a run's initial model comes from when no weights_dir is given (see fedlab.base).
 BASES = ("auto", "pretrained", "random")
+# SimulateConfig's per-device lists, each passed to device i as the daemon's flag of the same name.
+PER_DEVICE = ("compute_slowdown", "max_batch_size", "memory_budget_mb", "head_fraction")
 # Reconnect quickly: on one machine the server is either up or about to be.
 LAB_CLIENT_DEFAULTS: dict[str, Any] = dict(retry_initial_s=0.5, retry_max_s=5.0)
 
@@ -77,6 +79,12 @@ class SimulateConfig:
         "per device (comma-separated, one value for all): EMULATED compute slowdown factor", ge=1))
     max_batch_size: list[int] = field(default_factory=list, metadata=described(
         "per device (comma-separated, one value for all): largest minibatch the device fits (0: server's)", ge=0))
+    memory_budget_mb: list[float] = field(default_factory=list, metadata=described(
+        "per device (comma-separated, one value for all): peak training memory budget, MiB (layerwise, smha; "
+        "0: measured by the device)", ge=0))
+    head_fraction: list[float] = field(default_factory=list, metadata=described(
+        "per device (comma-separated, one value for all): smha, share of heads the device trains (0: the plan "
+        "chooses)", ge=0, le=1))
     metrics_port: int = field(default=0, metadata=described("serve Prometheus /metrics: the server on 127.0.0.1:PORT, "
                                                             "device i on PORT+1+i (0: off)", ge=0, le=65535))
     link: str | None = field(default=None, metadata=described("put every device behind an emulated link profile "
@@ -139,7 +147,7 @@ class SimulateConfig:
                               f"{self.server.seed}", "seed")
         dataclasses.replace(self.client, device_id=self.device_ids()[0], data_seed=self.server.seed,
                             partitions=self.devices, partition=0, insecure=True).validate()
-        for name in ("compute_slowdown", "max_batch_size"):
+        for name in PER_DEVICE:
             if len(getattr(self, name)) not in (0, 1, self.devices):
                 raise ValueError(f"{name}: give one value or one per device ({self.devices})")
         if self.server.weights_dir is not None and self.base != "auto":
@@ -177,7 +185,7 @@ class SimulateConfig:
         args += ["--server", server, "--device-id", dev, "--data-seed", str(self.server.seed),
                  "--partitions", str(self.devices), "--partition", str(i), "--threads", str(self.threads_per_device),
                  "--state-dir", str(Path(self.out) / "devices" / dev)]
-        for name in ("compute_slowdown", "max_batch_size"):
+        for name in PER_DEVICE:
             v = self.per_device(name, i)
             if v is not None:
                 args += ["--" + name.replace("_", "-"), str(v)]

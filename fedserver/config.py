@@ -5,14 +5,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcore.config import ConfigError, check_fields, check_preset, check_weights_dir, described
-from fedcore.methods import ZERO_ORDER, FfaLora, FullFineTuning, Method
+from fedcore.methods import PARTIAL, ZERO_ORDER, FfaLora, FullFineTuning, LayerWise, Method, SelectiveHeads
 from fedcore.methods.lora import LoraSpec, parse_targets
 from fedcore.methods.zeroorder import T5_SECOND_BLOCK, ZeroOrderSpec
 from fedcore.wire import TransferSpec
 from fedcore.wire.formats import CODECS, ENCODINGS
 
 STRATEGIES = ("fedavg", "fedadam", "fedadamw", "fedyogi")
-METHOD_CHOICES = ("auto", "full", "lora", *ZERO_ORDER)
+METHOD_CHOICES = ("auto", "full", "lora", *ZERO_ORDER, *PARTIAL)
 ROUND_POLICIES = ("steps", "samples", "time")
 PAYLOADS = ("weights", "delta")
 WIRE_ENCODINGS = tuple(e for e in ENCODINGS if e != "raw")
@@ -66,7 +66,9 @@ class ServerConfig:
     deadline_floor_s: float = field(default=60.0, metadata=described("shortest deadline derived from estimates", gt=0))
     method: str = field(default="auto", metadata=described(
         "fine-tuning method: full, lora (FFA-LoRA), mezo, fedkseed or fedspzo (zero-order: forward passes only, "
-        "updates of a few KB); 'auto': lora when lora_rank > 0, else full", choices=METHOD_CHOICES))
+        "updates of a few KB), layerwise (CAFF: each device its output-side layers, as its budgets allow) or smha "
+        "(each device a share of the attention heads); 'auto': lora when lora_rank > 0, else full",
+        choices=METHOD_CHOICES))
     # LoRA (FFA-LoRA: A frozen at a shared init, only B trained, uploaded and averaged)
     lora_rank: int = field(default=0, metadata=described("LoRA rank r; devices train and upload only the adapters' B "
                                                          "matrices (0: full fine-tuning)", ge=0, le=4096))
@@ -90,6 +92,15 @@ class ServerConfig:
         "encoder and the shared embedding)"))
     zo_second_perturbations: int = field(default=4, metadata=described(
         "fedspzo: directions of the second block per local step (P2)", ge=1, le=1024))
+    # selective heads (docs/explanation/partial-training.md)
+    smha_fraction: float = field(default=0.25, metadata=described(
+        "smha: share of the attention heads a device trains when it states none and no budget decides: 0.25, 0.5 "
+        "or 1", gt=0, le=1))
+    smha_full_devices: int = field(default=1, metadata=described(
+        "smha: devices a round that train every head and weight (the poster: at least one, for convergence)",
+        ge=0, le=1 << 16))
+    smha_train_rest: bool = field(default=True, metadata=described(
+        "smha: the other weights (feed-forward, norms, embeddings, lm_head) train with the selected heads"))
     # aggregation
     strategy: str = field(default="fedavg", metadata=described("fedavg, fedadam, fedadamw or fedyogi",
                                                                choices=STRATEGIES))
@@ -260,6 +271,8 @@ class ServerConfig:
         """The fine-tuning method these settings ask for (fedcore.methods)."""
         if self.method in ZERO_ORDER:
             return ZERO_ORDER[self.method](self.zo_spec())
+        if self.method in PARTIAL:
+            return self.partial_method()
         spec = self.lora_spec()
         if self.method == "lora" and spec is None:
             raise ConfigError("method 'lora' needs lora_rank > 0", "lora_rank")
@@ -267,6 +280,15 @@ class ServerConfig:
             raise ConfigError(f"method 'full' with lora_rank {self.lora_rank}: set method = 'lora' or 'auto', or "
                               f"lora_rank = 0", "method")
         return FfaLora(spec) if spec is not None else FullFineTuning()
+
+    def partial_method(self) -> Method:
+        """layerwise or smha, with their settings."""
+        if self.lora_rank:
+            raise ConfigError(f"method {self.method!r} trains the model's own weights: set lora_rank = 0", "lora_rank")
+        if self.method == "smha":
+            return SelectiveHeads(fraction=self.smha_fraction, full_devices=self.smha_full_devices,
+                                  train_rest=self.smha_train_rest)
+        return LayerWise()
 
     def zo_spec(self) -> ZeroOrderSpec:
         """The zero-order methods' settings (used when method is one of them)."""

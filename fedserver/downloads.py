@@ -3,7 +3,8 @@
 In order of preference: for a zero-order method, the seeds of every round
 since the version it holds (a few KB a round, replayed by the device);
 only the trainable tensors, put into the version it holds (a method whose
-versions share every frozen tensor, such as LoRA);
+versions share every frozen tensor, such as LoRA), or only the tensors
+changed since that version (methods whose devices train parts: plans);
 the chain of broadcast deltas the model kept (`download_payload = "delta"`)
 while it costs less than the model; else the full model. Every path ends
 on the version's digest, which the device checks. Encoders are built once a
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
+
+import torch
 
 from fedcore import directions
 from fedcore.wire import FrozenStream, StateEncoder, TransferSpec, codec_name, encoding_name
@@ -47,8 +50,9 @@ class DownloadPlanner:
             log.info("download for %s: full model; its version %s... is not one of this run's", device_id,
                      base_version[7:19])
         if base_version and base_version != m.version:
-            if self._patchable(base_version):
-                return self._trainable_patch(device_id, base_version, codec_)
+            names = self._patch_names(base_version)
+            if names is not None:
+                return self._patch(device_id, base_version, codec_, names)
             if self.payload == "delta":
                 step = self._delta_step(device_id, base_version)
                 if step is not None:
@@ -84,28 +88,42 @@ class DownloadPlanner:
             if replay is not None:
                 return replay.ByteSize()
         full = m.wire_bytes(self.spec)
-        if base_version and self._patchable(base_version):
-            return m.wire_bytes(self.spec, m.trainable())
+        names = self._patch_names(base_version)
+        if names is not None:
+            return m.wire_bytes(self.spec, self._patch_state(names))
         chain = m.history.chain(base_version, m.version) if base_version and self.payload == "delta" else None
         return min(sum(s.stream.wire_bytes for s in chain), full) if chain is not None else full
 
-    def _patchable(self, base: str) -> bool:
-        """A device holding `base` needs only the trainable tensors (the method's versions share the rest)."""
-        return self.model.method.patches_trainable and base in self.model.versions
+    def _patch_names(self, base: str) -> list[str] | None:
+        """The tensors a device holding `base` needs (the rest of its version is the current one's); None when
+        it needs more than a patch."""
+        m = self.model
+        if not base or base == m.version:
+            return None
+        if m.method.patches_trainable and base in m.versions:
+            return list(m.trainable())  # every version of the run shares the frozen tensors
+        if m.method.plans:
+            return m.changed_since(base)  # devices trained parts: only those changed
+        return None
 
-    def _trainable_patch(self, device_id: str, base: str, codec: str) -> StateEncoder:
-        """Only the trainable tensors of the current version, to be put into the version the device holds."""
+    def _patch(self, device_id: str, base: str, codec: str, names: list[str]) -> StateEncoder:
+        """The listed tensors of the current version, to be put into the version the device holds."""
         m, s = self.model, self.spec
         spec = TransferSpec(s.encoding, codec, s.zstd_level, 0, s.block_size, s.chunk_elems)
         key = (m.version, spec.encoding_id, spec.codec_id, base)
         enc = self._encoders.get(key)
         if enc is None:
-            enc = StateEncoder(m.trainable(), spec, digest=m.version, base_version=base)
+            enc = StateEncoder(self._patch_state(names), spec, digest=m.version, base_version=base)
             self._encoders[key] = enc
-            log.info("download for %s: trainable tensors only, %.3f MB on top of its %s... (the full model is "
-                     "%.1f MB)", device_id, m.wire_bytes(spec, m.trainable()) / 1e6, base[7:19],
-                     m.wire_bytes(spec) / 1e6)
+            log.info("download for %s: %d changed tensor(s) only, %.3f MB on top of its %s... (the full model is "
+                     "%.1f MB)", device_id, len(names), m.wire_bytes(spec, self._patch_state(names)) / 1e6,
+                     base[7:19], m.wire_bytes(spec) / 1e6)
         return enc
+
+    def _patch_state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named canonical tensors under all their names (a patch of a tied tensor replaces every alias)."""
+        aliases = self.model.aliases()
+        return {a: self.model.state[n] for n in names for a in (n, *aliases[n])}
 
     def _delta_step(self, device_id: str, base: str) -> FrozenStream | None:
         m = self.model

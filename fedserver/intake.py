@@ -24,6 +24,7 @@ from fedcore.channel import UPLOAD_RESTART_HINT
 from fedcore.clock import Clock
 from fedcore.methods import UpdateInvalid
 from fedcore.methods.base import update_norm
+from fedcore.methods.partial import Plan
 from fedcore.methods.zeroorder import SeedPairs
 from fedcore.tensorfile import DiskFullError, map_tensors
 from fedcore.wire import StateReceiver, WireError, check_manifest, unique_tensors
@@ -136,14 +137,20 @@ class UploadIntake:
             raise RoundError("invalid", "upload manifest must say WEIGHTS or DELTA")
         weight, cut = self.bounded_weight(cur, a, h.num_samples)
         try:
-            layouts = check_manifest(h.manifest, expect=self.model.upload_layout)
+            expect = self.model.upload_layout_for(a.plan)
+            if a.plan is not None:
+                outside = [t.name for t in h.manifest.tensors if t.name not in expect]
+                if outside:
+                    raise RoundError("invalid", f"upload manifest rejected: tensor {outside[0]!r} is outside this "
+                                                f"device's plan for round {cur.number} ({a.plan.describe()})")
+            layouts = check_manifest(h.manifest, expect=expect)
             # Staged in a mapped file, not RAM: concurrent uploads cost disk, and a partial one
             # waits there for its device until the round ends.
             path = self.staging / f"round-{cur.number:06d}" / f"{h.device_id}-{h.task_id}.bin"
             # A new file, not the old one truncated: a replaced stream still writing writes elsewhere.
             path.unlink(missing_ok=True)
             dest = map_tensors(path, [(lay.name, lay.dtype, lay.shape) for lay in layouts], create=True)
-            receiver = StateReceiver(h.manifest, dest=dest, expect=self.model.upload_layout)
+            receiver = StateReceiver(h.manifest, dest=dest, expect=expect)
         except WireError as exc:
             raise RoundError("invalid", f"upload manifest rejected: {exc}{self.model.method.upload_hint}") from None
         except DiskFullError as exc:
@@ -266,10 +273,10 @@ class UploadIntake:
                         glob: Mapping[str, torch.Tensor], is_delta: bool) -> float:
         """Refuse NaN/Inf and norms of update - global above the bound; the clip scale for the fold (1: none)."""
         try:
-            self.model.method.check_update(update, glob)
+            self.model.method.check_update(update, glob, *self._plan(sess.assignment))
         except UpdateInvalid as exc:
             self.refuse(sess, str(exc))
-        norm = update_norm(self.model.method.update_delta(update, glob, is_delta))
+        norm = update_norm(self.model.method.update_delta(update, glob, is_delta, *self._plan(sess.assignment)))
         bound, clip = self.cfg.max_update_norm, self.cfg.clip_update_norm
         if not math.isfinite(norm) or (bound > 0 and norm > bound):
             self.refuse(sess, f"update norm {norm:.4g} exceeds max_update_norm {bound:g}")
@@ -278,6 +285,11 @@ class UploadIntake:
                      sess.assignment.device_id, norm, clip)
             return clip / norm
         return 1.0
+
+    @staticmethod
+    def _plan(a: Assignment) -> tuple[()] | tuple[Plan]:
+        """The plan argument of the method's update checks (none for methods without plans)."""
+        return () if a.plan is None else (a.plan,)
 
     def refuse(self, sess: UploadSession, reason: str, code: str = "invalid") -> None:
         """Refuse the task's update for good: logged with the reason, the round goes on without it."""
@@ -315,8 +327,9 @@ class UploadIntake:
             layouts = check_manifest(a.manifest)
             update = map_tensors(a.staged, [(lay.name, lay.dtype, lay.shape) for lay in layouts])
             is_delta = a.manifest.payload == pb.DELTA
-            delta = {k: d * a.clip_scale for k, d in self.model.method.update_delta(update, glob, is_delta).items()}
-            cur.mean.add(delta, float(a.num_samples))
+            delta = {k: d * a.clip_scale
+                     for k, d in self.model.method.update_delta(update, glob, is_delta, *self._plan(a)).items()}
+            cur.mean.add(delta, float(a.num_samples), *self._plan(a))
             if self.cfg.save_updates:
                 self._save_update(cur.number, a.device_id, update, a.num_samples, is_delta)
             del update, delta

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedcore.methods import Method
+from fedcore.methods.partial import Plan
 from fedcore.methods.zeroorder import SeedPairs, apply_steps
 from fedcore.wire import (ErrorFeedback, clone_tied, FrozenStream, StateEncoder, TransferSpec, apply_delta, layout_of,
                           state_digest, subtract, tensor_wire_bytes, unique_tensors)
@@ -43,6 +44,19 @@ class NextVersion:
     round: int = 0
 
 
+@dataclass(frozen=True)
+class Change:
+    """The canonical tensors that changed from one version to the next."""
+
+    base: str
+    target: str
+    names: tuple[str, ...]
+
+
+# Versions whose changed tensors are kept (and checkpointed): a device further behind gets the full model.
+CHANGES_KEEP = 64
+
+
 @dataclass
 class Resumed:
     """A checkpoint taken apart for a resumed server."""
@@ -55,6 +69,7 @@ class Resumed:
     seeds: SeedHistory | None
     records: list[dict[str, Any]] | None
     summary: dict[str, Any] | None
+    changes: list[Change] = field(default_factory=list)
 
 
 class GlobalModel:
@@ -75,6 +90,9 @@ class GlobalModel:
         self.history = DeltaHistory(delta_keep)
         self.broadcast_ef = ErrorFeedback()
         self.seeds = SeedHistory()  # zero-order methods: every round's steps, for replay
+        # (version, the canonical tensors that changed to reach it) for the last CHANGES_KEEP versions: a device
+        # holding one of them needs only the tensors changed since (methods whose devices train parts: plans).
+        self.changes: list[Change] = []
         self._round_method: tuple[str, Method] | None = None  # (version, the method as its tasks carry it)
 
     # ------------------------------------------------------------------ views
@@ -101,6 +119,31 @@ class GlobalModel:
         """A default bound on one upload's bytes: twice the trainable tensors at fp32, plus 1 MiB."""
         return 2 * sum(t.numel() * 4 for t in self.trainable().values()) + (1 << 20)
 
+    def upload_layout_for(self, plan: Plan | None) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """What an update must hold: the trainable tensors, or exactly a device's plan."""
+        if plan is None:
+            return self.upload_layout
+        layout = plan.layout(self.layout)
+        aliases = self.aliases()
+        # A tied tensor travels once, under its first name, with the others as its aliases.
+        return {**layout, **{a: layout[n] for n in layout for a in aliases.get(n, [])}}
+
+    def changed_since(self, base: str) -> list[str] | None:
+        """Canonical names of the tensors that changed from version `base` to the current one, in state order;
+        None when `base` is not among the versions whose changes are kept."""
+        names: set[str] = set()
+        cur = self.version
+        for step in reversed(self.changes):
+            if cur == base:
+                break
+            if step.target != cur:
+                return None
+            names.update(step.names)
+            cur = step.base
+        if cur != base:
+            return None
+        return [e.name for e in unique_tensors(self.state) if e.name in names]
+
     def round_method(self) -> Method:
         """The method as this version's tasks carry it (FedKSeed-Pro: with the seeds' scores so far)."""
         if self.method.update_form != "seeds":
@@ -123,7 +166,8 @@ class GlobalModel:
                            seeds=pairs, round=number)
 
     def step(self, strategy: ServerStrategy, mean_delta: Mapping[str, torch.Tensor],
-             delta_spec: TransferSpec | None) -> NextVersion:
+             delta_spec: TransferSpec | None, covered: Mapping[str, torch.Tensor | None] | None = None
+             ) -> NextVersion:
         """The next version from the round's mean delta, through the server strategy (not committed yet).
 
         With `delta_spec` (broadcast deltas) the server moves its own model
@@ -134,7 +178,7 @@ class GlobalModel:
         """
         aliases = self.aliases()
         old = self.canonical()
-        new = {**old, **strategy.apply(self.trainable(), mean_delta)}
+        new = {**old, **strategy.apply(self.trainable(), mean_delta, covered)}
         if delta_spec is None:
             return NextVersion(new, aliases, self.version)
         send, received, residual = self.broadcast_ef.compensate(subtract(new, old), delta_spec.encoding_id,
@@ -148,9 +192,15 @@ class GlobalModel:
                            delta_spec)
 
     def commit(self, nxt: NextVersion) -> None:
+        if self.method.plans:
+            old = self.canonical()
+            changed = tuple(k for k, t in nxt.canonical.items() if t is not old[k] and not torch.equal(t, old[k]))
         self.state = self._tie(nxt.canonical, nxt.aliases)
         self.version = state_digest(unique_tensors(self.state))
         self.versions.append(self.version)
+        if self.method.plans:
+            self.changes.append(Change(nxt.base, self.version, changed))
+            del self.changes[:-CHANGES_KEEP]
         if nxt.seeds is not None:
             self.seeds.add(SeedStep(nxt.round, nxt.base, self.version, nxt.seeds))
         if nxt.delta is not None:
@@ -179,6 +229,8 @@ class GlobalModel:
         meta = {"version": self.version, "strategy": strategy.name, **self.method.checkpoint_meta()}
         if self.method.patches_trainable:
             meta["versions"] = json.dumps(self.versions)
+        if self.method.plans:
+            meta["changes"] = json.dumps([[c.base, c.target, list(c.names)] for c in self.changes])
         if self.method.update_form == "seeds":
             seeds, meta["seed_history"] = self.seeds.to_checkpoint()
             tensors.update(seeds)
@@ -225,11 +277,15 @@ class GlobalModel:
             if seeds.steps and seeds.steps[-1].target != version:
                 raise CheckpointError(f"checkpoint round {rnd}: its seed history ends on "
                                       f"{seeds.steps[-1].target[:19]}..., its model is {version[:19]}...")
+        raw = meta_json(meta, "changes", list, rnd) or []
+        if not all(len(c) == 3 and all(isinstance(x, str) for x in (c[0], c[1], *c[2])) for c in raw):
+            raise CheckpointError(f"checkpoint round {rnd}: its record of changed tensors is damaged")
+        changes = [Change(c[0], c[1], tuple(c[2])) for c in raw]
         return Resumed(model, version,
                        {k[len(OPT_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPT_PREFIX)},
                        {k[len(EF_PREFIX):]: v for k, v in tensors.items() if k.startswith(EF_PREFIX)},
                        meta_json(meta, "versions", str, rnd), seeds, meta_json(meta, "round_records", dict, rnd),
-                       meta_json(meta, "round_summary", None, rnd))
+                       meta_json(meta, "round_summary", None, rnd), changes)
 
     def resume(self, found: Resumed) -> None:
         self.state, self.version = found.model, found.version
@@ -237,6 +293,7 @@ class GlobalModel:
         self.broadcast_ef.commit(found.residual)
         if found.seeds is not None:
             self.seeds = found.seeds
+        self.changes = list(found.changes)
 
 
 def meta_json(meta: Mapping[str, str], key: str, item: type | None, rnd: int) -> Any:

@@ -164,6 +164,9 @@ def device_record(cur: RoundState, a: Assignment, end: float, wall: float, polic
             setattr(rec, k, extra.get(k))
         rec.power_source = m.get("power_source") or None
         rec.hardware = m.get("hardware") or None
+    if a.plan is not None:
+        rec.plan = f"{a.plan.describe()}: {a.plan.note}" if a.plan.note else a.plan.describe()
+        rec.trained_params = a.plan_params
     rec.policy = policy
     rec.local_steps_assigned = a.local_steps
     rec.local_samples_assigned = a.local_samples

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import threading
 import uuid
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 
 from fedcore.clock import SYSTEM, Clock
+from fedcore.flops import shape_of_state
+from fedcore.methods.partial import DeviceBudget, PlanContext
 from fedcore.records import DeviceRound
 from fedcore.wire import FrozenStream, StateEncoder
 from fedtune.v1 import fedtune_pb2 as pb
@@ -191,7 +194,8 @@ class Coordinator:
                 max_target_tokens=c.max_target_tokens, seed=c.seed * 1000003 + cur.number),
             upload=up.settings(error_feedback=c.error_feedback),
             deadline_unix=self.clock.unix_at(cur.deadline))
-        self.model.round_method().to_task(task.training)
+        method = self.model.round_method()
+        (method.with_plan(a.plan) if a.plan is not None else method).to_task(task.training)
         return task
 
     # ------------------------------------------------------------ download
@@ -366,6 +370,8 @@ class Coordinator:
                            for d in sampled}
             deadline_s = plan_round(self.cfg, assignments, {d: self.registry.devices[d].estimates for d in sampled})
             c = self.cfg
+            if self.method.plans:
+                self._plan_parts(number, assignments)
             choose_encodings(c, number, assignments, self.links,
                              lambda d: self.downloads.expected_bytes(self.intake.trained_on.get(d, "")),
                              lambda enc: self.model.wire_bytes(c.upload_spec(enc), self.model.trainable()))
@@ -418,7 +424,8 @@ class Coordinator:
         if self.method.update_form == "seeds":
             nxt = self.model.seed_step(cur.mean, cur.number)
         else:
-            nxt = self.model.step(self.strategy, cur.mean.mean(), delta_spec)
+            covered = cur.mean.covered() if self.method.plans else None
+            nxt = self.model.step(self.strategy, cur.mean.mean(), delta_spec, covered)
         with self.lock:
             self.model.commit(nxt)
             self.round_no = cur.number
@@ -442,6 +449,30 @@ class Coordinator:
         self._update_estimates(records)
         self.last_records = [r.to_json() for r in records]
         self.rounds_completed_here += 1
+
+    def _plan_parts(self, number: int, assignments: Mapping[str, Assignment]) -> None:
+        """Each sampled device's TrainPlan from the budgets it stated at Join (the caller holds the lock)."""
+        c = self.cfg
+        devices = []
+        for d, a in assignments.items():
+            b = self.registry.devices[d].capabilities.get("budgets") or {}
+            steps = a.local_steps or -(-a.local_samples // c.batch_size) or -(
+                -c.local_epochs * a.registered_samples // c.batch_size)
+            devices.append(DeviceBudget(d, int(b.get("memory_bytes", 0)), float(b.get("compute_flops", 0.0)),
+                                        int(b.get("upload_bytes", 0)), float(b.get("head_fraction", 0.0)),
+                                        max(1, steps), c.batch_size, c.max_input_tokens, c.max_target_tokens))
+        canonical = self.model.canonical()
+        spec = c.upload_spec(None)
+        ctx = PlanContext(canonical, shape_of_state(canonical), number, c.seed,
+                          lambda st: self.model.wire_bytes(spec, st))
+        plans = self.method.plan(devices, ctx)
+        layout = self.model.layout
+        for d, a in assignments.items():
+            a.plan = plans[d]
+            a.plan.check(layout)
+            a.plan_params = sum(math.prod(shape) for _, shape in a.plan.layout(layout).values())
+            log.info("round %d: %s trains %s, %d parameters: %s", number, d, a.plan.describe(), a.plan_params,
+                     a.plan.note)
 
     def _device_records(self, cur: RoundState) -> list[DeviceRound]:
         return self.records.device_records(cur, {d: self.downloads.resent(d, cur.version) for d in cur.assignments})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcore.methods.partial import Plan
 from fedcore.methods.zeroorder import SeedPairs
 from fedtune.v1 import fedtune_pb2 as pb
 
@@ -51,6 +52,8 @@ class Assignment:
     done_at: float | None = None  # monotonic time the update was complete
     upload_encoding: str = ""  # chosen for this device this round (link-aware encodings), "" the default
     encoding_reason: str = ""
+    plan: Plan | None = None  # what this device trains and uploads this round (methods with plans)
+    plan_params: int = 0  # elements its plan trains
 
     @property
     def settled(self) -> bool:

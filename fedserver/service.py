@@ -64,6 +64,15 @@ class FederationService(pbg.FederationServicer):
         info = {"accelerator": caps.accelerator, "memory_bytes": caps.memory_bytes,
                 "software_version": caps.software_version, "cpu_count": caps.cpu_count,
                 "peer": context.peer()}
+        if caps.HasField("budgets"):
+            b = caps.budgets
+            if min(b.memory_bytes, b.compute_flops, b.upload_bytes, b.head_fraction) < 0 or b.head_fraction > 1 \
+                    or not math.isfinite(b.compute_flops) or not math.isfinite(b.head_fraction):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "capabilities.budgets: budgets must be finite and "
+                                                                ">= 0, head_fraction at most 1")
+            info["budgets"] = {"memory_bytes": b.memory_bytes, "compute_flops": b.compute_flops,
+                               "upload_bytes": b.upload_bytes, "head_fraction": b.head_fraction,
+                               "memory_source": b.memory_source[:32]}
         try:
             dev = self.coord.join(request.device_id, request.num_samples, info)
         except RoundError as exc:

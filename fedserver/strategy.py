@@ -24,7 +24,7 @@ import bisect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -91,6 +91,10 @@ class RunningMean:
         # [start, end) intervals already folded (to catch gaps and overlaps).
         self._pending_weight: float | None = None
         self._covered: dict[str, list[list[int]]] = {}
+        # Partial updates (plans): per tensor, the weight that covered each head (or the whole tensor, one
+        # element), and the axis its heads lie along.
+        self._cover: dict[str, Tensor] = {}
+        self._axes: dict[str, int] = {}
 
     @property
     def count(self) -> int:
@@ -120,11 +124,19 @@ class RunningMean:
         if not bool(torch.isfinite(t).all()):
             raise UpdateMismatchError(f"{who}: tensor {name!r} contains NaN or Inf")
 
-    def add(self, delta: Mapping[str, Tensor], weight: float) -> None:
-        """Fold ``weight * delta`` into the sum (validated first, then applied)."""
+    def add(self, delta: Mapping[str, Tensor], weight: float, plan: Any = None) -> None:
+        """Fold ``weight * delta`` into the sum (validated first, then applied).
+
+        With a ``plan`` (fedcore.methods.partial.Plan) the update holds only
+        the plan's tensors, a sliced one as its heads' slices: each tensor,
+        and each head's slice, is then averaged over the updates that hold it.
+        """
         w = _check_weight(weight)
         if self.pending:
             raise RuntimeError("add() called while a chunked update is pending; call finish_update()")
+        if plan is not None:
+            self._add_part(delta, w, plan)
+            return
         unknown = [k for k in delta if k not in self._acc and k not in self._ignored]
         if unknown:
             raise UpdateMismatchError(f"update has tensors not in the model: {unknown[:5]}")
@@ -143,6 +155,43 @@ class RunningMean:
             self._check_tensor(name, t, who="update")
         for name, acc in self._acc.items():
             acc.add_(delta[name].to(device=acc.device, dtype=torch.float32), alpha=w)
+        for name, cover in self._cover.items():
+            cover.add_(w)  # a whole update covers every head of every tensor
+        self._count += 1
+        self._total_weight += w
+
+    def _add_part(self, delta: Mapping[str, Tensor], w: float, plan: Any) -> None:
+        unknown = [k for k in delta if k not in self._acc]
+        if unknown:
+            raise UpdateMismatchError(f"update has tensors not in the model: {unknown[:5]}")
+        if set(delta) != set(plan.index):
+            raise UpdateMismatchError(f"update tensors differ from its plan's: {sorted(set(delta) ^ set(plan.index))[:5]}")
+        for name, t in delta.items():
+            want = plan.index[name].shape(self._acc[name].shape)
+            if tuple(t.shape) != want:
+                raise UpdateMismatchError(f"update tensor {name!r} has shape {tuple(t.shape)}, its plan {want}")
+            self._check_tensor(name, t, who="update")
+        if not self._cover:
+            # From the first partial update on, each tensor keeps the weight that covered each of its heads
+            # (one number a head); what whole updates folded so far covered everything.
+            for name, acc in self._acc.items():
+                self._cover[name] = torch.full((1,), self._total_weight, dtype=torch.float64)
+        for name, t in delta.items():
+            part, acc = plan.index[name], self._acc[name]
+            t32 = t.to(device=acc.device, dtype=torch.float32)
+            cover = self._cover[name]
+            if part.whole:
+                acc.add_(t32, alpha=w)
+                cover.add_(w)
+                continue
+            heads = acc.shape[part.axis] // part.head_size
+            if cover.numel() != heads:
+                cover = self._cover[name] = cover.expand(heads).clone()
+            if self._axes.setdefault(name, part.axis) != part.axis:
+                raise UpdateMismatchError(f"{name}: heads along axis {part.axis}, earlier updates' along "
+                                          f"{self._axes[name]}")
+            acc.index_add_(part.axis, part.index(acc.device), t32, alpha=w)
+            cover[list(part.heads)] += w
         self._count += 1
         self._total_weight += w
 
@@ -208,6 +257,8 @@ class RunningMean:
             raise UpdateMismatchError(
                 f"chunked update incomplete for {len(incomplete)} tensor(s), e.g. {incomplete[:3]}"
             )
+        for cover in self._cover.values():
+            cover.add_(self._pending_weight)
         self._count += 1
         self._total_weight += self._pending_weight
         self._pending_weight = None
@@ -221,7 +272,47 @@ class RunningMean:
             raise ValueError("mean() of a RunningMean with no updates")
         if self._total_weight <= 0.0:
             raise ValueError("mean() with total weight 0")
-        return {k: acc / self._total_weight for k, acc in self._acc.items()}
+        if not self._cover:
+            return {k: acc / self._total_weight for k, acc in self._acc.items()}
+        out = {}
+        for k, acc in self._acc.items():
+            cover = self._cover[k]
+            if cover.numel() == 1:
+                out[k] = acc / float(cover) if float(cover) > 0 else torch.zeros_like(acc)
+                continue
+            shape = [1] * acc.dim()
+            axis = self._axis_of(k, acc, cover)
+            shape[axis] = cover.numel()
+            per_head = torch.where(cover > 0, 1.0 / cover.clamp_min(1e-300), torch.zeros_like(cover)).float()
+            rows = per_head.repeat_interleave(acc.shape[axis] // cover.numel()).view(
+                [acc.shape[axis] if i == axis else 1 for i in range(acc.dim())])
+            out[k] = acc * rows
+        return out
+
+    def covered(self) -> dict[str, Tensor | None]:
+        """What the mean moves: tensor name -> None (all of it) or a bool mask along its head axis; a tensor no
+        update held is absent. Without partial updates, every tensor."""
+        if not self._cover:
+            return {k: None for k in self._acc}
+        out: dict[str, Tensor | None] = {}
+        for k, cover in self._cover.items():
+            if cover.numel() == 1:
+                if float(cover) > 0:
+                    out[k] = None
+            elif bool((cover > 0).all()):
+                out[k] = None
+            elif bool((cover > 0).any()):
+                acc = self._acc[k]
+                axis = self._axis_of(k, acc, cover)
+                mask = (cover > 0).repeat_interleave(acc.shape[axis] // cover.numel())
+                out[k] = mask.view([acc.shape[axis] if i == axis else 1 for i in range(acc.dim())])
+        return out
+
+    def _axis_of(self, name: str, acc: Tensor, cover: Tensor) -> int:
+        axis = self._axes.get(name)
+        if axis is None:
+            raise UpdateMismatchError(f"{name}: per-head weights without a head axis")
+        return axis
 
 
 class SeedMean:
@@ -284,8 +375,14 @@ class ServerStrategy(ABC):
     def _validate(self) -> None:
         """Check hyperparameters (overridden)."""
 
-    def apply(self, global_state: Mapping[str, Tensor], mean_delta: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Return the new global state (float tensors updated in fp32, cast back)."""
+    def apply(self, global_state: Mapping[str, Tensor], mean_delta: Mapping[str, Tensor],
+              covered: Mapping[str, Tensor | None] | None = None) -> dict[str, Tensor]:
+        """Return the new global state (float tensors updated in fp32, cast back).
+
+        ``covered`` (RunningMean.covered, after partial updates): only the
+        tensors it names move, a masked one only where its mask is set; the
+        optimizer moments of everything else stay as they were.
+        """
         floats = _float_names(global_state)
         missing = [k for k in floats if k not in mean_delta]
         extra = [k for k in mean_delta if k not in global_state or not global_state[k].is_floating_point()]
@@ -309,15 +406,30 @@ class ServerStrategy(ABC):
             if not x.is_floating_point():
                 out[k] = x.clone()
                 continue
+            if covered is not None and k not in covered:
+                out[k] = x  # no update trained it: neither it nor its moments move
+                continue
+            mask = covered.get(k) if covered is not None else None
+            kept = [t.clone() for t in self._moments(k)] if mask is not None else []
             # copy=True: an fp32 input must not be updated in place.
             x32 = x.to(dtype=torch.float32, copy=True)
             d32 = mean_delta[k].to(device=x.device, dtype=torch.float32)
-            out[k] = self._update(k, x32, d32).to(x.dtype)
+            new = self._update(k, x32, d32)
+            if mask is not None:
+                m = mask.to(x.device)
+                new = torch.where(m, new, x.float())
+                for now, before in zip(self._moments(k), kept):
+                    now.copy_(torch.where(m, now, before))
+            out[k] = new.to(x.dtype)
         self.step += 1
         return out
 
     def _check_moments(self, global_state: Mapping[str, Tensor], floats: list[str]) -> None:
         """Create or check optimizer moments (no-op for stateless strategies)."""
+
+    def _moments(self, name: str) -> list[Tensor]:
+        """The optimizer state of one tensor (none for stateless strategies)."""
+        return []
 
     def params(self) -> dict[str, float]:
         """Hyperparameters, for logs and checkpoint metadata."""
@@ -409,6 +521,9 @@ class FedAdam(ServerStrategy):
             if self._m[k].device != global_state[k].device:
                 self._m[k] = self._m[k].to(global_state[k].device)
                 self._v[k] = self._v[k].to(global_state[k].device)
+
+    def _moments(self, name: str) -> list[Tensor]:
+        return [self._m[name], self._v[name]]
 
     def _second_moment(self, v: Tensor, delta: Tensor) -> None:
         v.mul_(self.beta2).addcmul_(delta, delta, value=1.0 - self.beta2)

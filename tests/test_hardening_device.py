@@ -346,6 +346,19 @@ def test_load_daemon_keeps_a_finished_update_across_a_lost_session(make_daemon):
     assert server.metrics[0].task_id == "task-1" and server.metrics[0].bytes_up > 0
 
 
+def test_load_daemon_drops_an_update_the_server_refused_as_invalid(make_daemon, caplog):
+    """INVALID_ARGUMENT on an upload (a manifest or an update the server will never take) drops the update once,
+    in one line; it is not re-sent in a loop of rejoins."""
+    daemon = make_daemon(state_dir=False)
+    server = FakeServer(TINY.state_dict(), [train_task()])
+    server.upload_failures = [RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "upload manifest rejected: tensor 'x' "
+                                         "is outside this device's plan for round 1")]
+    daemon._serve(server)
+    assert len(server.uploads) == 1 and not server.metrics
+    assert daemon._unsent is None
+    assert "dropping the update" in caplog.text and "outside this device's plan" in caplog.text
+
+
 # ----------------------------------------------------------- 3. partial download
 @pytest.mark.parametrize("damage", ["log names chunks never written", "log names a chunk outside the model",
                                     "manifest garbage"])

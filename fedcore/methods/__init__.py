@@ -11,17 +11,23 @@ from .base import Method, Trainee, UpdateInvalid
 from .fedkseed import FedKSeed
 from .fedspzo import FedSPZO
 from .full import FullFineTuning
+from .layerwise import LayerWise
 from .lora import FfaLora
 from .mezo import MeZO
+from .partial import PartialMethod, Plan
+from .smha import SelectiveHeads
 from .zeroorder import ZeroOrderMethod
 
 if TYPE_CHECKING:
     from fedtune.v1 import fedtune_pb2 as pb
 
 #: every method by the name a task carries (TrainingSettings.method)
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, FfaLora, MeZO, FedKSeed, FedSPZO)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (FullFineTuning, FfaLora, MeZO, FedKSeed, FedSPZO, LayerWise,
+                                                         SelectiveHeads)}
 #: the zero-order methods by name: their updates are (seed, scalar) pairs (fedcore.methods.zeroorder)
 ZERO_ORDER: dict[str, type[ZeroOrderMethod]] = {m.name: m for m in (MeZO, FedKSeed, FedSPZO)}
+#: the methods that give each device its own part to train (a TrainPlan a round: fedcore.methods.partial)
+PARTIAL: dict[str, type[PartialMethod]] = {m.name: m for m in (LayerWise, SelectiveHeads)}
 
 
 def from_task(training: pb.TrainingSettings) -> Method:
@@ -40,5 +46,6 @@ def from_task(training: pb.TrainingSettings) -> Method:
     return method
 
 
-__all__ = ["METHODS", "ZERO_ORDER", "FedKSeed", "FedSPZO", "FfaLora", "FullFineTuning", "MeZO", "Method", "Trainee",
-           "UpdateInvalid", "ZeroOrderMethod", "from_task"]
+__all__ = ["METHODS", "PARTIAL", "ZERO_ORDER", "FedKSeed", "FedSPZO", "FfaLora", "FullFineTuning", "LayerWise", "MeZO",
+           "Method", "PartialMethod", "Plan", "SelectiveHeads", "Trainee", "UpdateInvalid", "ZeroOrderMethod",
+           "from_task"]

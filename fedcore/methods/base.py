@@ -70,6 +70,14 @@ class Trainee:
         """One log line: what trains."""
         raise NotImplementedError
 
+    def update_base(self, base: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The downloaded state as `update_state` shapes it (what a delta upload is taken from)."""
+        return base
+
+    def residual_key(self, name: str) -> str:
+        """The key of a tensor's error-feedback residual: only the same part of a tensor reuses it."""
+        return name
+
     def start(self, task_seed: int):  # -> fedcore.methods.zeroorder.Estimator
         """A "seeds" trainee's steps for one task (seeded by the task)."""
         raise NotImplementedError(f"{type(self).__name__} trains by backprop: it has no estimator")
@@ -140,6 +148,8 @@ class Method:
     #: "tensors": the update is a set of tensors (chunked, verified, folded into a running mean of deltas);
     #: "seeds": (seed, scalar) pairs (fedcore.methods.zeroorder), folded per seed and replayed by devices
     update_form: ClassVar[str] = "tensors"
+    #: each sampled device gets its own TrainPlan a round (fedcore.methods.partial): what it trains and uploads
+    plans: ClassVar[bool] = False
     #: added to an upload manifest's rejection, telling what this method's update carries ("": nothing to add)
     upload_hint: ClassVar[str] = ""
     #: added to the round summary's upload description

@@ -117,20 +117,36 @@ class Position(_message.Message):
     def __init__(self, tensor_index: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("accelerator", "memory_bytes", "software_version", "encodings", "codecs", "cpu_count")
+    __slots__ = ("accelerator", "memory_bytes", "software_version", "encodings", "codecs", "cpu_count", "budgets")
     ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENCODINGS_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
     accelerator: str
     memory_bytes: int
     software_version: str
     encodings: _containers.RepeatedScalarFieldContainer[Encoding]
     codecs: _containers.RepeatedScalarFieldContainer[Codec]
     cpu_count: int
-    def __init__(self, accelerator: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., cpu_count: _Optional[int] = ...) -> None: ...
+    budgets: Budgets
+    def __init__(self, accelerator: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., software_version: _Optional[str] = ..., encodings: _Optional[_Iterable[_Union[Encoding, str]]] = ..., codecs: _Optional[_Iterable[_Union[Codec, str]]] = ..., cpu_count: _Optional[int] = ..., budgets: _Optional[_Union[Budgets, _Mapping]] = ...) -> None: ...
+
+class Budgets(_message.Message):
+    __slots__ = ("memory_bytes", "compute_flops", "upload_bytes", "memory_source", "head_fraction")
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    memory_bytes: int
+    compute_flops: float
+    upload_bytes: int
+    memory_source: str
+    head_fraction: float
+    def __init__(self, memory_bytes: _Optional[int] = ..., compute_flops: _Optional[float] = ..., upload_bytes: _Optional[int] = ..., memory_source: _Optional[str] = ..., head_fraction: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("device_id", "capabilities", "num_samples", "cached_version")
@@ -159,7 +175,7 @@ class JoinReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., model_config_json: _Optional[str] = ..., poll_seconds: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed", "local_samples", "lora", "method", "zero_order")
+    __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed", "local_samples", "lora", "method", "zero_order", "plan")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +188,7 @@ class TrainingSettings(_message.Message):
     LORA_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     ZERO_ORDER_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     local_steps: int
     batch_size: int
@@ -184,7 +201,26 @@ class TrainingSettings(_message.Message):
     lora: LoraSettings
     method: str
     zero_order: ZeroOrderSettings
-    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., local_samples: _Optional[int] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., method: _Optional[str] = ..., zero_order: _Optional[_Union[ZeroOrderSettings, _Mapping]] = ...) -> None: ...
+    plan: TrainPlan
+    def __init__(self, local_epochs: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., max_input_tokens: _Optional[int] = ..., max_target_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., local_samples: _Optional[int] = ..., lora: _Optional[_Union[LoraSettings, _Mapping]] = ..., method: _Optional[str] = ..., zero_order: _Optional[_Union[ZeroOrderSettings, _Mapping]] = ..., plan: _Optional[_Union[TrainPlan, _Mapping]] = ...) -> None: ...
+
+class TrainPlan(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorPart]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorPart, _Mapping]]] = ...) -> None: ...
+
+class TensorPart(_message.Message):
+    __slots__ = ("name", "axis", "head_size", "heads")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    axis: int
+    head_size: int
+    heads: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., axis: _Optional[int] = ..., head_size: _Optional[int] = ..., heads: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ZeroOrderSettings(_message.Message):
     __slots__ = ("eps", "perturbations", "second_perturbations", "second_block", "pool_size", "pool_seed", "seed_weights", "directions")
