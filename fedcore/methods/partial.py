@@ -16,7 +16,7 @@ server (`PartialMethod.plan`), from the budgets devices state at Join.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -157,7 +157,6 @@ class PartialTrainee(Trainee):
         self.plan = plan
         entries = unique_tensors(model.state_dict())
         self.aliases = {e.name: list(e.aliases) for e in entries}
-        self.check_names = {e.name for e in entries}
         plan.check({e.name: (e.tensor.dtype, tuple(e.tensor.shape)) for e in entries})
         trained = {n for n, p in plan.parts if p.whole}
         for name, p in model.named_parameters():
@@ -205,7 +204,6 @@ class PartialMethod(Method):
         return cls(plan_=Plan.from_proto(training.plan) if training.plan.tensors else None)
 
     def with_plan(self, plan: Plan) -> PartialMethod:
-        from dataclasses import replace
         return replace(self, plan_=plan)
 
     def plan(self, devices: Sequence[DeviceBudget], ctx: PlanContext) -> dict[str, Plan]:
