@@ -62,8 +62,9 @@ class ClientConfig:
                                                               ge=0))
     # budgets for one round (methods that plan each device's part: layerwise, smha)
     memory_budget_mb: float = field(default=0.0, metadata=described(
-        "peak training memory this device may use, MiB (0: measured at start: the accelerator's memory, else the "
-        "RAM available)", ge=0))
+        "peak training memory this device may use, MiB: methods that cannot fit a step in it do not sample the "
+        "device (0: measured at start, the accelerator's memory, else the RAM available; a hint for plans only)",
+        ge=0))
     compute_budget_tflop: float = field(default=0.0, metadata=described(
         "model TFLOPs of one round's local training (0: no limit)", ge=0))
     upload_budget_mb: float = field(default=0.0, metadata=described("wire MB of one update (0: no limit)", ge=0))

@@ -80,8 +80,8 @@ class SimulateConfig:
     max_batch_size: list[int] = field(default_factory=list, metadata=described(
         "per device (comma-separated, one value for all): largest minibatch the device fits (0: server's)", ge=0))
     memory_budget_mb: list[float] = field(default_factory=list, metadata=described(
-        "per device (comma-separated, one value for all): peak training memory budget, MiB (layerwise, smha; "
-        "0: measured by the device)", ge=0))
+        "per device (comma-separated, one value for all): peak training memory budget, MiB (layerwise, smha "
+        "plan to it; other methods sample only devices it holds; 0: measured by the device, a hint)", ge=0))
     head_fraction: list[float] = field(default_factory=list, metadata=described(
         "per device (comma-separated, one value for all): smha, share of heads the device trains (0: the plan "
         "chooses)", ge=0, le=1))

@@ -83,6 +83,7 @@ class Coordinator:
         self.downloads = DownloadPlanner(self.model, cfg.download_spec(), cfg.download_payload)
         self.intake = UploadIntake(cfg, self.model, self.out, self.lock, clock)
         self.links: dict[str, LinkEstimate] = {}
+        self._need: int | None = None  # peak bytes of one step of the method (fedcore.memory), once asked
         self._stop = threading.Event()
         self.phase = "starting"
         self.transfers = TransferBoard(clock)
@@ -342,6 +343,7 @@ class Coordinator:
                 self.lock.notify_all()
 
     def _wait_for_devices(self) -> list[str]:
+        """The connected devices that can afford the method, once enough are connected and can."""
         need = self.cfg.devices_needed
         last_note = 0.0
         with self.lock:
@@ -349,13 +351,42 @@ class Coordinator:
             while not self._stop.is_set():
                 self._beat()
                 alive = self.registry.alive()
-                if len(alive) >= need:
-                    return alive
+                able, why = self._affordable(alive)
+                if len(alive) >= need and len(able) >= self.cfg.min_updates:
+                    if why:
+                        log.info("sampling among %d of %d connected devices%s", len(able), len(alive), why)
+                    return able
                 if self.clock.monotonic() - last_note > 10:
-                    log.info("waiting for devices: %d of %d connected", len(alive), need)
+                    log.info("waiting for devices: %d of %d connected%s", len(alive), need, why)
                     last_note = self.clock.monotonic()
                 self.clock.wait(self.lock, 1.0)
         return []
+
+    def _affordable(self, alive: list[str]) -> tuple[list[str], str]:
+        """The devices whose stated memory budget holds a step of the method, and a note on the others.
+
+        Only budgets set in a device's config count: one measured at Join (free
+        RAM) is a hint for planners, not a limit. A planning method fits its
+        plans to every budget itself.
+        """
+        if self.method.plans:
+            return alive, ""
+        budgets = {d: self.registry.devices[d].capabilities.get("budgets") or {} for d in alive}
+        stated = {d: int(b.get("memory_bytes", 0)) for d, b in budgets.items()
+                  if b.get("memory_source") == "config" and b.get("memory_bytes")}
+        if not stated:
+            return alive, ""
+        c = self.cfg
+        if self._need is None:
+            canonical = self.model.canonical()
+            self._need = self.method.memory_need(canonical, shape_of_state(canonical), c.batch_size,
+                                                 c.max_input_tokens, c.max_target_tokens)
+        out = {d: m for d, m in stated.items() if m < self._need}
+        if not out:
+            return alive, ""
+        why = (f"; {len(out)} cannot afford {self.method.describe()} (a step needs {self._need / 2**20:.0f} MiB): "
+               + ", ".join(f"{d} ({m / 2**20:.0f} MiB)" for d, m in sorted(out.items())))
+        return [d for d in alive if d not in out], why
 
     def _run_round(self, number: int, attempt: int) -> bool:
         alive = self._wait_for_devices()

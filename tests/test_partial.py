@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import grpc
 import pytest
@@ -255,5 +256,41 @@ def test_over_grpc_a_task_carries_its_plan_and_a_tensor_outside_it_is_refused(tm
         assert srv.wait(60)
         rec = srv.coord.last_records[0]
         assert rec["plan"].startswith(f"{len(plan)} tensors whole") and rec["trained_params"] > 0
+    finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------- admission
+def test_a_methods_memory_need_counts_what_backpropagation_keeps(base_state):
+    from fedcore.methods import FfaLora, FullFineTuning, MeZO
+    from fedcore.methods.lora import LoraSpec
+
+    shape = shape_of_state(base_state)
+    state = canonical(base_state)
+    weights = 4 * sum(t.numel() for t in state.values())
+    need = {m.name: m.memory_need(m.init_global(state, 0), shape, 8, 64, 16)
+            for m in (FullFineTuning(), FfaLora(LoraSpec(4, 8.0, ("q", "v"))), MeZO())}
+    assert need["mezo"] == weights  # forward passes only
+    # LoRA keeps every block's activations (backpropagation reaches block 0) but no base grads or moments
+    assert weights < need["lora"] < need["full"]
+    assert need["full"] - need["lora"] > 2.9 * weights  # grads + AdamW's two moments of every base weight
+
+
+def test_devices_whose_stated_memory_cannot_hold_a_step_sit_out(tmp_path):
+    """Full fine-tuning samples only devices whose configured budget holds a step; a measured budget is a hint."""
+    from fedhelpers import start_server
+
+    srv = start_server(tiny_server_config(tmp_path, insecure=True, rounds=1, eval_size=0, devices_per_round=3,
+                                          min_devices=3, batch_size=4, max_input_tokens=64, max_target_tokens=16))
+    try:
+        for d, mib, source in (("poor", 1, "config"), ("rich", 4096, "config"), ("free", 1, "ram")):
+            caps = pb.Capabilities(budgets=pb.Budgets(memory_bytes=mib * 2**20, memory_source=source))
+            srv.stub(d).Join(pb.JoinRequest(device_id=d, num_samples=16, capabilities=caps), timeout=10)
+        for _ in range(200):
+            if srv.coord.current is not None:
+                break
+            threading.Event().wait(0.05)
+        assert sorted(srv.coord.current.assignments) == ["free", "rich"]
+        assert 2**20 < srv.coord._need < 4096 * 2**20
     finally:
         srv.close()

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from fedcore.flops import T5Shape
+from fedcore.memory import training_memory
 from fedcore.wire import unique_tensors
 
 if TYPE_CHECKING:
@@ -116,6 +118,17 @@ class Method:
     def trainable(self, state: Mapping[str, torch.Tensor]) -> list[str] | None:
         """Names of the tensors devices train and upload and the strategy moves; None: every tensor."""
         return None
+
+    def memory_need(self, state: Mapping[str, torch.Tensor], shape: T5Shape, batch: int, input_tokens: int,
+                    target_tokens: int) -> int:
+        """Peak bytes of one local step (fedcore.memory): a device whose stated budget is below it sits out.
+
+        ``state`` is canonical (ties once). Backpropagation reaches the
+        earliest trainable tensor, so LoRA keeps the activations of every block.
+        """
+        names = self.trainable(state)
+        return training_memory(shape, {k: t.numel() for k, t in state.items()},
+                               list(state) if names is None else names, batch, input_tokens, target_tokens).total
 
     def export(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The global state as a plain model (loads into a T5 as is), ties kept."""

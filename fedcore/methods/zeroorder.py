@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 from fedcore import directions
 from fedcore.batching import IGNORE_INDEX, Batch
+from fedcore.flops import T5Shape
+from fedcore.memory import training_memory
 
 from .base import Method, Trainee, UpdateInvalid
 
@@ -183,6 +185,12 @@ class ZeroOrderMethod(Method):
         if download_payload != "weights":
             raise ValueError(f"{self.name}: a device holding a version replays the seeds of later rounds (a few KB) "
                              f"instead of broadcast deltas: set download_payload = 'weights'")
+
+    def memory_need(self, state: Mapping[str, torch.Tensor], shape: T5Shape, batch: int, input_tokens: int,
+                    target_tokens: int) -> int:
+        # Forward passes only, perturbing in place: the weights, nothing kept for a backward pass.
+        return training_memory(shape, {k: t.numel() for k, t in state.items()}, [], batch, input_tokens,
+                               target_tokens).total
 
     def to_task(self, training: pb.TrainingSettings) -> None:
         training.method = self.name
