@@ -94,8 +94,8 @@ class ServerConfig:
         "fedspzo: directions of the second block per local step (P2)", ge=1, le=1024))
     # selective heads (docs/explanation/partial-training.md)
     smha_fraction: float = field(default=0.25, metadata=described(
-        "smha: share of the attention heads a device trains when it states none and no budget decides: 0.25, 0.5 "
-        "or 1", gt=0, le=1))
+        "smha: share of the attention heads a device trains when it states none (less where its budgets need): "
+        "0.25, 0.5 or 1", gt=0, le=1))
     smha_full_devices: int = field(default=1, metadata=described(
         "smha: devices a round that train every head and weight (the poster: at least one, for convergence)",
         ge=0, le=1 << 16))

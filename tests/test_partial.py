@@ -152,6 +152,16 @@ def test_smha_head_sets_cover_every_head_and_one_device_trains_everything(base_s
     assert all(not p.whole for _, p in rest_frozen.parts)
 
 
+def test_smha_takes_the_servers_share_unless_a_budget_needs_less(base_state):
+    ctx = context(base_state)
+    roomy, tight = DeviceBudget("roomy", memory_bytes=1 << 40), DeviceBudget("tight", upload_bytes=1)
+    half = SelectiveHeads(fraction=0.5)
+    assert half.device_fraction(roomy, ctx) == (0.5, "the server's default")  # not more than the server asks
+    assert SelectiveHeads(fraction=1.0).device_fraction(roomy, ctx)[0] == 1.0
+    share, why = half.device_fraction(tight, ctx)
+    assert share == 0.25 and why.startswith("nothing fits its budgets (upload")
+
+
 def test_cover_heads_is_seeded_and_covers_when_counts_add_up():
     sets = cover_heads(["a", "b", "c"], {"a": 2, "b": 1, "c": 1}, 4, random.Random(3), need_cover=False)
     assert sorted(h for s in sets.values() for h in s) == [0, 1, 2, 3]

@@ -80,23 +80,25 @@ class SelectiveHeads(PartialMethod):
         return Plan.of(parts, note)
 
     def device_fraction(self, d: DeviceBudget, ctx: PlanContext) -> tuple[float, str]:
-        """(share of heads, why): the device's own, else the largest whose memory, FLOPs and upload fit."""
+        """(share of heads, why): the device's own, else the server's, or the largest below it that fits the
+        device's memory, FLOPs and upload budgets."""
         if d.head_fraction > 0:
             return min(FRACTIONS, key=lambda f: abs(f - d.head_fraction)), "the device's setting"
         if not (d.memory_bytes or d.compute_flops or d.upload_bytes):
             return self.fraction, "the server's default"
         numel = ctx.numel()
         why = ""
-        for f in FRACTIONS:
+        for f in (f for f in FRACTIONS if f <= self.fraction):
             trained = {n: (int(t * f) if head_axis(n) is not None else t) for n, t in numel.items()
                        if self.train_rest or head_axis(n) is not None or f >= 1.0}
             mem = training_memory(ctx.shape, {**numel, **trained}, list(trained), d.batch_size, d.input_tokens,
                                   d.target_tokens).total
             flops = training_flops(ctx.shape, d.input_tokens, d.target_tokens)
             # fp32 bytes of the trained part (uploads are at most that before compression)
-            why = d.fits(mem, flops, 4 * sum(trained.values()))
-            if not why:
-                return f, "fits its budgets"
+            too_much = d.fits(mem, flops, 4 * sum(trained.values()))
+            if not too_much:
+                return f, "the server's default" if f == self.fraction else f"fits its budgets ({why} above it)"
+            why = too_much
         return FRACTIONS[-1], f"nothing fits its budgets ({why}); the smallest share"
 
 
