@@ -27,7 +27,10 @@ class ClientConfig:
     partition: int = field(default=0, metadata=described("which part this device keeps", ge=0))
     alpha: float = field(default=1.0, metadata=described("Dirichlet concentration of the split", gt=0))
     # model
-    weights_dir: Path | None = field(default=None, metadata=described("local Hugging Face dir for the tokenizer"))
+    weights_dir: Path | None = field(default=None, metadata=described(
+        "local Hugging Face dir: the tokenizer, and the weights this device holds (hold_base)"))
+    hold_base: bool = field(default=True, metadata=described(
+        "offer the digest of weights_dir's weights at Join: a run that starts from them needs no first download"))
     device: str = field(default="auto", metadata=described("torch device: auto, cpu, cuda, cuda:1"))
     threads: int = field(default=0, metadata=described("torch CPU threads (0: torch's default)", ge=0, le=4096))
     # hardware figures (MFU, power)

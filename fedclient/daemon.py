@@ -20,8 +20,8 @@ from fedcore.metrics import MetricsServer, serve_metrics
 from fedcore.efficiency import NUMERIC_KEYS, figures
 from fedcore import methods
 from fedcore.methods import Method, Trainee
-from fedcore.models import load_tokenizer, model_from_config_json, pick_device
-from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, WireError, codec_name, encoding_name,
+from fedcore.models import load_pretrained, load_tokenizer, model_from_config_json, pick_device
+from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, WireError, codec_name, digest, encoding_name,
                           subtract)
 from fedcore.wire.manifest import check_framing
 from fedcore.channel import open_channel
@@ -93,6 +93,9 @@ class Daemon:
                 self.base_version, self.base, self.base_exact = cached
                 log.info("model %s kept on disk from before a restart, digest checked%s", self.base_version[7:19],
                          " (bit-exact: a base for broadcast deltas)" if self.base_exact else "")
+        self._dir_version = ""  # digest of weights_dir's weights when the device holds them (hold_base)
+        if self.base is None and self.cfg.weights_dir is not None and self.cfg.hold_base:
+            self._hold_base(self.cfg.weights_dir)
         if self.cfg.compute_slowdown > 1:
             log.info("compute_slowdown %.2f: EMULATING a slower device (sleeping %.2f x each measured step)",
                      self.cfg.compute_slowdown, self.cfg.compute_slowdown - 1)
@@ -216,12 +219,26 @@ class Daemon:
                 self._backoff(attempt)
         return 0
 
+    def _hold_base(self, weights_dir: Path) -> None:
+        """weights_dir's weights as the model this device holds: Join offers their digest, in the form the server
+        computes its versions in, so a run starting from them skips its first download."""
+        state = load_pretrained(weights_dir).state_dict()
+        self.base, self.base_version, self.base_exact = state, digest(state), True
+        self._dir_version = self.base_version
+        log.info("holding the weights of %s (%s): a run that starts from them needs no first download",
+                 weights_dir, self.base_version[:19])
+
     def _join(self, stub: pbg.FederationStub) -> None:
         self.phase = f"joining {self.cfg.server}"
         reply = stub.Join(pb.JoinRequest(device_id=self.cfg.device_id, capabilities=self._capabilities(),
                                          num_samples=len(self.examples), cached_version=self.base_version),
                           timeout=30, wait_for_ready=True)
         self.session_id = reply.session_id
+        if self.base_version == self._dir_version != "" and reply.base_version not in ("", self._dir_version):
+            log.warning("the weights in %s (%s) are not this run's initial model (%s): other weights, another dtype "
+                        "or a method that adds tensors (LoRA); downloading the model", self.cfg.weights_dir,
+                        self.base_version[:19], reply.base_version[:19])
+            self.base, self.base_version, self.base_exact = None, "", False
         if reply.model_config_json != self.model_config:
             if self.model_config:  # the server's model changed; a model kept on disk would not match either
                 self.base, self.base_version, self.base_exact = None, "", False

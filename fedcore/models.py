@@ -114,7 +114,7 @@ def build_model(
     """Load weights from a local HF directory, or build the preset randomly initialised (logged)."""
     preset = get_preset(preset_or_name)
     if weights_dir is not None:
-        model = T5ForConditionalGeneration.from_pretrained(check_weights_dir(weights_dir), local_files_only=True)
+        model = load_pretrained(weights_dir)
         cfg = model.config
         if (cfg.d_model, cfg.num_layers, cfg.vocab_size) != (preset.d_model, preset.num_layers, preset.vocab_size):
             log.warning("weights in %s (d_model=%d, layers=%d, vocab=%d) do not match preset %s",
@@ -124,6 +124,11 @@ def build_model(
     model = init_model(preset, seed)
     log.warning("model %s has RANDOM weights (seed %d): no weights directory given", preset.name, seed)
     return model
+
+
+def load_pretrained(weights_dir: Path) -> T5ForConditionalGeneration:
+    """The model saved in a local Hugging Face directory, as the server loads a run's initial weights."""
+    return T5ForConditionalGeneration.from_pretrained(check_weights_dir(weights_dir), local_files_only=True)
 
 
 def config_json(model: T5ForConditionalGeneration) -> str:

@@ -53,8 +53,9 @@ MAX_DATA_SEED = (1 << 32) - 1
 BASES = ("auto", "pretrained", "random")
 # SimulateConfig's per-device lists, each passed to device i as the daemon's flag of the same name.
 PER_DEVICE = ("compute_slowdown", "max_batch_size", "memory_budget_mb", "head_fraction")
-# Reconnect quickly: on one machine the server is either up or about to be.
-LAB_CLIENT_DEFAULTS: dict[str, Any] = dict(retry_initial_s=0.5, retry_max_s=5.0)
+# Reconnect quickly: on one machine the server is either up or about to be. Every device gets the base's directory
+# (for the tokenizer) but downloads round 1's model as a fresh device would, unless --hold-base.
+LAB_CLIENT_DEFAULTS: dict[str, Any] = dict(retry_initial_s=0.5, retry_max_s=5.0, hold_base=False)
 
 
 @dataclass

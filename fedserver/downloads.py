@@ -83,6 +83,8 @@ class DownloadPlanner:
     def expected_bytes(self, base_version: str) -> int:
         """Wire bytes (before compression) a device holding `base_version` will download, at most the model's."""
         m = self.model
+        if base_version == m.version:
+            return 0
         if base_version and m.method.update_form == "seeds":
             replay = self.replay(base_version)
             if replay is not None:

@@ -84,6 +84,7 @@ class GlobalModel:
         self.upload_layout = (self.layout if self.trainable_names is None
                               else {k: self.layout[k] for k in self.trainable_names})
         self.version = state_digest(unique_tensors(self.state))
+        self.initial_version = self.version  # round 0's model: devices holding these weights skip the first download
         # The versions of this run: with a method whose versions share every frozen tensor, a device holding
         # any of them needs only the trainable tensors of the current one.
         self.versions: list[str] = [self.version]

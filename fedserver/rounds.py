@@ -357,7 +357,9 @@ class Coordinator:
                         log.info("sampling among %d of %d connected devices%s", len(able), len(alive), why)
                     return able
                 if self.clock.monotonic() - last_note > 10:
-                    log.info("waiting for devices: %d of %d connected%s", len(alive), need, why)
+                    short = (f"; a round needs min_updates = {self.cfg.min_updates} that can"
+                             if why and len(alive) >= need else "")
+                    log.info("waiting for devices: %d of %d connected%s%s", len(alive), need, why, short)
                     last_note = self.clock.monotonic()
                 self.clock.wait(self.lock, 1.0)
         return []
@@ -404,7 +406,7 @@ class Coordinator:
             if self.method.plans:
                 self._plan_parts(number, assignments)
             choose_encodings(c, number, assignments, self.links,
-                             lambda d: self.downloads.expected_bytes(self.intake.trained_on.get(d, "")),
+                             lambda d: self.downloads.expected_bytes(self._held(d)),
                              lambda enc: self.model.wire_bytes(c.upload_spec(enc), self.model.trainable()))
             self.current = RoundState(
                 number=number, attempt=attempt, version=self.version, started=now,
@@ -480,6 +482,12 @@ class Coordinator:
         self._update_estimates(records)
         self.last_records = [r.to_json() for r in records]
         self.rounds_completed_here += 1
+
+    def _held(self, device_id: str) -> str:
+        """The version a device holds as far as the server knows: its last trained one, else what it offered at
+        Join (a model kept on disk, or the pretrained weights the run starts from)."""
+        return self.intake.trained_on.get(device_id) or self.registry.devices[device_id].capabilities.get(
+            "cached_version", "")
 
     def _plan_parts(self, number: int, assignments: Mapping[str, Assignment]) -> None:
         """Each sampled device's TrainPlan from the budgets it stated at Join (the caller holds the lock)."""

@@ -63,7 +63,7 @@ class FederationService(pbg.FederationServicer):
         caps = request.capabilities
         info = {"accelerator": caps.accelerator, "memory_bytes": caps.memory_bytes,
                 "software_version": caps.software_version, "cpu_count": caps.cpu_count,
-                "peer": context.peer()}
+                "peer": context.peer(), "cached_version": request.cached_version[:80]}
         if caps.HasField("budgets"):
             b = caps.budgets
             if min(b.memory_bytes, b.compute_flops, b.upload_bytes, b.head_fraction) < 0 or b.head_fraction > 1 \
@@ -79,7 +79,8 @@ class FederationService(pbg.FederationServicer):
             _abort(context, exc)
         return pb.JoinReply(session_id=dev.session_id, model_preset=self.coord.model_preset,
                             model_config_json=self.coord.model_config_json,
-                            poll_seconds=self.coord.cfg.poll_seconds, server_version=fedcore.__version__)
+                            poll_seconds=self.coord.cfg.poll_seconds, server_version=fedcore.__version__,
+                            base_version=self.coord.model.initial_version)
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
         _check_device(request.device_id, context)

@@ -161,18 +161,20 @@ class JoinRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., num_samples: _Optional[int] = ..., cached_version: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session_id", "model_preset", "model_config_json", "poll_seconds", "server_version")
+    __slots__ = ("session_id", "model_preset", "model_config_json", "poll_seconds", "server_version", "base_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PRESET_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     POLL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model_preset: str
     model_config_json: str
     poll_seconds: int
     server_version: str
-    def __init__(self, session_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., model_config_json: _Optional[str] = ..., poll_seconds: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    base_version: str
+    def __init__(self, session_id: _Optional[str] = ..., model_preset: _Optional[str] = ..., model_config_json: _Optional[str] = ..., poll_seconds: _Optional[int] = ..., server_version: _Optional[str] = ..., base_version: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
     __slots__ = ("local_epochs", "local_steps", "batch_size", "learning_rate", "weight_decay", "max_input_tokens", "max_target_tokens", "seed", "local_samples", "lora", "method", "zero_order", "plan")
