@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import random
 import resource
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -25,12 +26,16 @@ import psutil
 import torch
 
 from fedcore import study
-from fedcore.batching import Batch, EncodedExample, collate
+from fedcore.batching import Batch, EncodedExample, collate, encode_examples
+from fedcore.clock import SYSTEM, Clock
+from fedcore.data import synthetic_corpus
 from fedcore.flops import T5Shape, mfu, parameter_count, study_flops_per_token, training_flops
 from fedcore.hardware import Hardware
-from fedcore.models import build_model, get_preset, pick_device
+from fedcore.models import build_model, get_preset, load_tokenizer, pick_device
 from fedcore.power import PowerMeter, PowerSource, efficiency
 
+from . import powercap as pc
+from .clocks import ClockJournal, FrequencyKnob, find_knob, recover
 from .config import BenchConfig
 from .trainer import StepTimes, TrainSettings, make_optimizer, timed_step
 
@@ -91,6 +96,18 @@ def _oom_message(needed: int, available: int) -> str:
     return f"out of memory (needs ~{needed / 2**30:.1f} GB, {available / 2**30:.1f} GB available)"
 
 
+def _cpu_shortfall(needed: int) -> str:
+    """On CPU the OOM killer does not raise: check first. "" when it fits, else the out-of-memory message."""
+    # This process's own memory (the model) is part of what the configuration may use.
+    available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
+    return _oom_message(needed, available) if needed > available else ""
+
+
+def _is_oom(exc: RuntimeError) -> bool:
+    """CPU allocator refusals (e.g. under a memory limit) do raise, as RuntimeErrors."""
+    return "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower()
+
+
 def bench_one(model: torch.nn.Module, shape: T5Shape, preset: str, batch: int, cfg: BenchConfig,
               device: torch.device, source: PowerSource | None) -> BenchRow:
     row = BenchRow(preset, batch, flops_per_step=batch * training_flops(shape, cfg.input_tokens, cfg.target_tokens),
@@ -98,11 +115,8 @@ def bench_one(model: torch.nn.Module, shape: T5Shape, preset: str, batch: int, c
                    est_bytes=training_bytes(shape, batch, cfg.input_tokens, cfg.target_tokens),
                    input_tokens=cfg.input_tokens)
     if device.type == "cpu":
-        # The OOM killer does not raise: check before running. This process's own
-        # memory (the model) is part of what the configuration may use.
-        available = psutil.virtual_memory().available + psutil.Process().memory_info().rss
-        if row.est_bytes > available:
-            row.oom = _oom_message(row.est_bytes, available)
+        row.oom = _cpu_shortfall(row.est_bytes)
+        if row.oom:
             return row
     batches = _synthetic_batches(batch, cfg.input_tokens, cfg.target_tokens, shape.vocab_size, cfg.seed)
     model.train()
@@ -121,8 +135,8 @@ def bench_one(model: torch.nn.Module, shape: T5Shape, preset: str, batch: int, c
     except torch.cuda.OutOfMemoryError:
         row.oom = "out of memory"
         return row
-    except RuntimeError as exc:  # CPU allocator refusals (e.g. under a memory limit) do raise
-        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+    except RuntimeError as exc:
+        if not _is_oom(exc):
             raise
         row.oom = "out of memory"
         return row
@@ -206,3 +220,190 @@ def render(rows: list[BenchRow], hw: Hardware, cfg: BenchConfig) -> list[str]:
                                    [s.batch_loading_s, s.forward_s, s.loss_s, s.backward_s, s.optimizer_step_s,
                                     s.total_s], s.tps, s.watts, s.eta_e, ours, s.mfu))
     return lines
+
+
+# ------------------------------------------------------------------ --power-cap
+class TorchStepRunner:
+    """Real training steps for the power-cap profiler: the bench's synthetic items, AdamW, fp32."""
+
+    def __init__(self, model: torch.nn.Module, shape: T5Shape, cfg: BenchConfig, device: torch.device) -> None:
+        self.model, self.shape, self.cfg, self.device = model, shape, cfg, device
+        self.batch = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.batches: Iterator[Batch] = iter(())
+
+    def __call__(self, batch: int) -> None:
+        if batch != self.batch:
+            self.optimizer, self.batch = None, 0  # free the last batch size's optimizer state first
+            if self.device.type == "cpu":
+                short = _cpu_shortfall(training_bytes(self.shape, batch, self.cfg.input_tokens, self.cfg.target_tokens))
+                if short:
+                    raise pc.StepOOM(short)
+            self.model.train()
+            self.optimizer = make_optimizer(self.model, TrainSettings())
+            self.batches = _synthetic_batches(batch, self.cfg.input_tokens, self.cfg.target_tokens,
+                                              self.shape.vocab_size, self.cfg.seed)
+            self.batch = batch
+        assert self.optimizer is not None
+        try:
+            timed_step(self.model, self.optimizer, self.batches, self.device, StepTimes())
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not isinstance(exc, torch.cuda.OutOfMemoryError) and not _is_oom(exc):
+                raise
+            self.optimizer, self.batch = None, 0
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise pc.StepOOM("out of memory") from exc
+
+
+def measure_noise_scale(preset: str, cfg: BenchConfig, device: torch.device, b_big: int = 8,
+                        repeats: int = 2) -> pc.NoiseEstimate:
+    """B_simple of the preset (random weights) on the built-in corpus, per-example gradients (see powercap)."""
+    model = build_model(preset, seed=cfg.seed).to(device)
+    items = encode_examples(load_tokenizer(None), synthetic_corpus(64, cfg.seed), cfg.input_tokens, cfg.target_tokens)
+    return pc.gradient_noise_scale(model, pc.t5_chunk_loss, items, 1, b_big, repeats, cfg.seed)
+
+
+def spread(values: list[int], n: int) -> tuple[int, ...]:
+    """``n`` of the ascending ``values``, evenly spread, both ends included (n = 0: all)."""
+    if n == 0 or n >= len(values):
+        return tuple(values)
+    if n == 1:
+        return (values[-1],)
+    return tuple(sorted({values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)}))
+
+
+def render_grid(profile: pc.Profile, cap_w: float) -> list[str]:
+    """Batch x frequency: seconds per step / average W, '*' over the cap."""
+    freqs = sorted({r.hz for r in profile.rows})
+    cells = {(r.batch, r.hz): r for r in profile.rows}
+    lines = [f"{'batch':>5} " + "".join(f"{hz / 1e6:>13.2f}" for hz in freqs) + "  MHz",
+             f"{'':>5} " + "".join(f"{'s/step  W':>13}" for _ in freqs)]
+    for batch in sorted({r.batch for r in profile.rows}):
+        line = f"{batch:>5} "
+        for hz in freqs:
+            r = cells.get((batch, hz))
+            line += f"{'-':>13}" if r is None else f"{r.step_s:>7.3f} {r.watts:>4.1f}{'*' if r.watts > cap_w else ' '}"
+        lines.append(line)
+    return lines
+
+
+@dataclass
+class _Device:
+    label: str  # "EMULATED ..." or this device's name
+    hardware: str
+    knob: FrequencyKnob
+    source: PowerSource
+    clock: Clock
+    runner: pc.StepRunner
+
+
+def _emulated_device(cfg: BenchConfig, preset: str, echo: Callable[[str], None]) -> _Device:
+    from .emulated import EmulatedOrin, fit_orin
+
+    if (cfg.input_tokens, cfg.target_tokens) != (study.SEQ_LEN, study.TARGET_LEN):
+        raise ValueError(f"the emulation is fitted to the study's {study.SEQ_LEN} input and {study.TARGET_LEN} "
+                         f"target tokens; leave the lengths at those")
+    model = fit_orin(preset)
+    dev = EmulatedOrin(model)
+    tps = max(abs(e[1]) for e in model.fit_errors())
+    watts = max(abs(e[2]) for e in model.fit_errors())
+    echo(f"EMULATED Jetson AGX Orin 64GB running {preset}: step time and power fitted to the study's Table 2 Orin "
+         f"rows (TPS within {100 * tps:.1f}%, W within {100 * watts:.1f}% at the top clock); nothing on this "
+         f"machine is measured or changed, times are EMULATED seconds")
+    echo(f"EMULATED model: {model.describe()}")
+    return _Device("EMULATED", dev.hardware, dev.gpu, dev.power, dev.clock, dev.step)
+
+
+def _real_device(cfg: BenchConfig, preset: str, hw: Hardware, source: PowerSource | None,
+                 device: torch.device) -> _Device | str:
+    """This device, or why it cannot run the power-cap bench."""
+    journal = None
+    if cfg.profile_dir is not None:  # a bench killed mid-profile leaves its clock locked: undo it next time
+        path = cfg.profile_dir / "clock-journal.json"
+        recover(path)
+        journal = ClockJournal(path)
+    try:
+        knob = find_knob(journal=journal)
+    except (OSError, ValueError, RuntimeError) as exc:  # ClockError: what is missing, in one line
+        return str(exc)
+    if knob is None:
+        return "no controllable clock on this device (Jetson GPU devfreq, NVML clocks or writable cpufreq)"
+    if source is None:
+        return "no power reading on this device (INA3221, NVML or RAPL)"
+    model = build_model(preset, seed=cfg.seed).to(device)
+    runner = TorchStepRunner(model, T5Shape.from_config(model.config), cfg, device)
+    return _Device(hw.name, hw.name, knob, source, SYSTEM, runner)
+
+
+def _noise(cfg: BenchConfig, preset: str, device: torch.device) -> tuple[float, str]:
+    if cfg.noise_scale > 0:
+        return cfg.noise_scale, "given"
+    t0 = time.perf_counter()
+    est = measure_noise_scale(preset, cfg, device)
+    return est.b_simple, (f"B_simple measured on {preset} with RANDOM weights, built-in corpus, per-example "
+                          f"gradients of 2 x {est.b_big} items, {time.perf_counter() - t0:.0f} s; a pretrained "
+                          f"model's is larger: set --noise-scale to use another")
+
+
+def _row(name: str, c: pc.Choice | None, run: pc.RunResult | None, why: str = "") -> str:
+    if c is None or run is None:
+        return f"{name:<15} {why}"
+    energy = "-" if run.energy_j is None else f"{run.energy_j / 1e3:.1f}"
+    dog = f"{len(run.steps_down)} down, ends {run.watchdog.final_hz / 1e6:g} MHz" if run.steps_down else "quiet"
+    return (f"{name:<15} {c.batch:>5} {c.hz / 1e6:>8.2f} {c.step_s:>7.3f} {c.watts:>5.1f} {c.steps:>6} "
+            f"{c.samples:>7} {c.predicted_s:>11.1f} {run.seconds:>10.1f} {run.mean_w or 0:>10.1f} {energy:>9}  {dog}")
+
+
+def run_power_cap(cfg: BenchConfig, probe: Callable[[], tuple[Hardware, PowerSource | None]],
+                  echo: Callable[[str], None] = print) -> int:
+    """`fedclient bench --power-cap W`: profile, choose, run the choice and the frequency-only baseline."""
+    preset = get_preset(cfg.preset[0]).name
+    device = pick_device(cfg.device)
+    cap = cfg.power_cap
+    if cfg.emulate:
+        dev = _emulated_device(cfg, preset, echo)
+    else:
+        hw, source = probe()
+        found = _real_device(cfg, preset, hw, source, device)
+        if isinstance(found, str):
+            echo(f"fedclient bench --power-cap: cannot run on this device: {found}. "
+                 f"Try --emulate agx-orin-64gb.")
+            return 2
+        dev = found
+    noise, how = _noise(cfg, preset, device)
+    eff = pc.BatchEfficiency(noise)
+    freqs = spread(sorted(dev.knob.frequencies()), cfg.frequencies)
+    batches = tuple(2 ** i for i in range(cfg.max_batch.bit_length()) if 2 ** i <= cfg.max_batch)
+    echo(f"clock: {dev.knob.name} ({dev.knob.detail}); {len(freqs)} of its {len(dev.knob.frequencies())} "
+         f"frequencies; power: {dev.source.name} ({dev.source.detail})")
+    echo(f"batch-size efficiency: B_noise = {noise:.2f} ({how}); target: the progress of {cfg.samples} samples at "
+         f"batch {cfg.reference_batch}, S(B) = S_min (1 + B_noise/B)")
+    key = pc.ProfileKey(dev.hardware, preset, cfg.input_tokens, cfg.target_tokens, dev.knob.name, freqs, batches)
+    profile, hit = pc.cached_profile(cfg.profile_dir, key, lambda: pc.profile_grid(
+        dev.runner, dev.knob, dev.source, dev.clock, key, cfg.warmup, cfg.steps, cfg.power_hz, echo))
+    where = "off" if cfg.profile_dir is None else ("hit" if hit else "stored") + f" in {cfg.profile_dir}"
+    echo(f"\nprofile ({dev.label}; {cfg.warmup} warm-up + {cfg.steps} timed steps per point; cache {where}): "
+         f"seconds per step and average W, * = over the {cap:g} W cap")
+    for line in render_grid(profile, cap):
+        echo(line)
+    chosen = pc.choose(profile, cap, eff, cfg.samples, cfg.reference_batch)
+    base = pc.frequency_only(profile, cap, eff, cfg.samples, cfg.reference_batch)
+    runs = [None if c is None else pc.run_setting(dev.runner, dev.knob, dev.source, dev.clock, c,
+                                                  cfg.watchdog_window_s, cfg.power_hz) for c in (chosen, base)]
+    lowest = min(r.watts for r in profile.rows)
+    echo(f"\n{'':<15} {'batch':>5} {'MHz':>8} {'s/step':>7} {'W':>5} {'steps':>6} {'samples':>7} "
+         f"{'predicted s':>11} {'measured s':>10} {'measured W':>10} {'energy kJ':>9}  watchdog ({dev.label})")
+    echo(_row("chosen (B, f)", chosen, runs[0], f"none: no profiled point is under {cap:g} W (lowest {lowest:.1f} W)"))
+    echo(_row("frequency-only", base, runs[1],
+              f"none: batch {profile.max_batch} is over {cap:g} W at every frequency"))
+    if chosen and base and runs[0] and runs[1]:
+        echo(f"\nspeed-up of choosing (B, f) over frequency capping alone: {runs[1].seconds / runs[0].seconds:.2f}x "
+             f"measured ({base.predicted_s / chosen.predicted_s:.2f}x predicted), energy frequency-only / chosen "
+             f"{_ratio(runs[1].energy_j, runs[0].energy_j)} ({dev.label}). Ahmed et al. (arXiv 2502.18323) report "
+             f"2.4x on their device; this figure follows from the study's Orin figures and B_noise, not tuned to it.")
+    return 0 if chosen else 1
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or not b else f"{a / b:.2f}x"

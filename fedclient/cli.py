@@ -19,7 +19,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     run = sub.add_parser("run", help="join a server and serve rounds until the run ends")
     run.add_argument("--config", type=Path, default=None, help="TOML file with ClientConfig settings")
     cfgmod.add_arguments(run, ClientConfig)
-    bench = sub.add_parser("bench", help="the study's step micro-benchmark (Table 4 layout) on this device")
+    bench = sub.add_parser("bench", help="the study's step micro-benchmark (Table 4 layout) on this device; with "
+                           "--power-cap W, batch size and GPU frequency chosen together under a power cap")
     bench.add_argument("--config", type=Path, default=None, help="TOML file with bench settings")
     cfgmod.add_arguments(bench, BenchConfig)
     hw = sub.add_parser("hardware", help="this device's peak FLOP/s and power source, with a short power reading")
@@ -69,6 +70,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg = cfgmod.resolve(BenchConfig, args, args.config)
     logs.setup(args.log_level or "WARNING", "bench")
+    if cfg.power_cap:
+        from .bench import run_power_cap
+
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        return run_power_cap(cfg, lambda: _probe(cfg.device, cfg.threads, cfg.hardware, cfg.peak_tflops,
+                                                 cfg.power_source))
     hw, source = _probe(cfg.device, cfg.threads, cfg.hardware, cfg.peak_tflops, cfg.power_source)
     peak = f"{hw.peak_flops / 1e12:.3g} TFLOP/s [{hw.source}]" if hw.peak_flops else "unknown"
     power = f"{source.name} ({source.detail})" if source else "unknown (no INA3221, NVML or RAPL readable)"

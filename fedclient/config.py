@@ -134,6 +134,29 @@ class BenchConfig:
                                                                  choices=POWER_SOURCES))
     power_hz: float = field(default=5.0, metadata=described("power samples per second", gt=0, le=1000))
     seed: int = field(default=0, metadata=described("seed of the random weights and token ids", ge=0, le=(1 << 32) - 1))
+    # --power-cap: profile (batch, GPU frequency), choose under the cap, compare with frequency capping alone
+    power_cap: float = field(default=0.0, metadata=described(
+        "choose batch size and GPU frequency together under this cap in W, against lowering the frequency "
+        "alone (0: off, the Table 4 bench)", ge=0))
+    emulate: str = field(default="", metadata=described(
+        "power cap on an EMULATED device (no clock or power touched): agx-orin-64gb (empty: this device)",
+        choices=("", "agx-orin-64gb")))
+    max_batch: int = field(default=128, metadata=described(
+        "power cap: profile batch sizes 1, 2, 4, ... up to this or the largest that fits", ge=1))
+    frequencies: int = field(default=0, metadata=described(
+        "power cap: profile this many GPU frequencies spread over the clock's list, both ends included (0: all)",
+        ge=0))
+    samples: int = field(default=3200, metadata=described(
+        "power cap: the progress to reach, as samples at reference_batch (the study's round: 100 steps of 32)", ge=1))
+    reference_batch: int = field(default=32, metadata=described(
+        "power cap: the minibatch the samples were planned for", ge=1))
+    noise_scale: float = field(default=0.0, metadata=described(
+        "power cap: gradient noise scale B_noise of S(B) = S_min(1 + B_noise/B) (0: measure B_simple on the "
+        "preset, random weights, built-in corpus: far below a pretrained model's)", ge=0))
+    profile_dir: Path | None = field(default=None, metadata=described(
+        "power cap: directory caching profiles per hardware, model, lengths, clock and grid (unset: no cache)"))
+    watchdog_window_s: float = field(default=1.0, metadata=described(
+        "power cap: the watchdog lowers the frequency when the mean power over this window exceeds the cap", gt=0))
 
     def validate(self) -> None:
         from fedcore.models import PRESETS
@@ -146,3 +169,7 @@ class BenchConfig:
             raise ValueError("batch_sizes must be positive integers")
         if self.steps < 1 or self.warmup < 0 or self.input_tokens < 1 or self.target_tokens < 1:
             raise ValueError("need steps >= 1, warmup >= 0 and positive token lengths")
+        if self.power_cap and len(self.preset) != 1:
+            raise ConfigError("power_cap profiles one model: give one preset", "preset")
+        if self.emulate and not self.power_cap:
+            raise ConfigError("emulate applies to the power-cap bench: set power_cap too", "emulate")

@@ -135,16 +135,28 @@ class NvmlSource:
         return float(self.nvml.nvmlDeviceGetPowerUsage(self.handle)) / 1e3  # mW
 
 
-def find_nvml(module: Any = None, index: int = 0) -> NvmlSource | None:
+def import_nvml(module: Any = None) -> Any:
+    """The NVML module (pynvml unless given), initialised; None when it is not installed or NVML does not start."""
     if module is None:
         try:
             module = importlib.import_module("pynvml")
         except ImportError:
             return None
     try:
-        module.nvmlInit()
+        module.nvmlInit()  # reference-counted by NVML: calling it again is harmless
+    except Exception as exc:  # pynvml raises NVMLError subclasses: no driver, no GPU
+        log.debug("NVML not usable: %s", exc)
+        return None
+    return module
+
+
+def find_nvml(module: Any = None, index: int = 0) -> NvmlSource | None:
+    module = import_nvml(module)
+    if module is None:
+        return None
+    try:
         return NvmlSource(module, module.nvmlDeviceGetHandleByIndex(index), index)
-    except Exception as exc:  # pynvml raises NVMLError subclasses; no driver, no GPU, no permission
+    except Exception as exc:  # no such GPU, no permission
         log.debug("NVML not usable: %s", exc)
         return None
 
