@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except (cfgmod.ConfigError, ValueError) as exc:
         print(f"fedclient: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from .clocks import ClockError  # a clock or power limit it may not change: one line, not a traceback
+
+        if not isinstance(exc, ClockError):
+            raise
+        print(f"fedclient: {exc}", file=sys.stderr)
+        return 2
     return 2
 
 

@@ -74,6 +74,19 @@ class ClientConfig:
     head_fraction: float = field(default=0.0, metadata=described(
         "smha: share of the attention heads this device trains, 0.25, 0.5 or 1 (0: the server's plan chooses)",
         ge=0, le=1))
+    # power cap (fedclient.capping): batch size and GPU frequency chosen together
+    power_cap_w: float = field(default=0.0, metadata=described(
+        "train under this power cap, W: each round's batch size and GPU frequency chosen together from a profile "
+        "of this device, a watchdog lowering the clock if power exceeds it (0: off)", ge=0))
+    clock_control: str = field(default="auto", metadata=described(
+        "power cap: the clock to lock (auto: Jetson GPU devfreq, else NVML, else cpufreq)",
+        choices=("auto", "jetson-gpu", "nvml-gpu", "cpufreq")))
+    emulate: str = field(default="", metadata=described(
+        "power cap on an EMULATED device (no clock or power touched; training still runs here): agx-orin-64gb",
+        choices=("", "agx-orin-64gb")))
+    noise_scale: float = field(default=0.0, metadata=described(
+        "power cap: gradient noise scale B_noise of S(B) = S_min(1 + B_noise/B) (0: measured on this device's "
+        "data with the first capped round's model)", ge=0))
     stay_after_shutdown: bool = field(default=False, metadata=described("keep waiting for a new run when one ends"))
     # security: TLS unless insecure is set explicitly
     tls_ca: Path | None = field(default=None, metadata=described("CA that signed the server certificate (PEM; "
@@ -109,6 +122,8 @@ class ClientConfig:
         if self.head_fraction not in (0.0, 0.25, 0.5, 1.0):
             raise ConfigError(f"head_fraction must be 0 (the plan chooses), 0.25, 0.5 or 1, got {self.head_fraction:g}",
                               "head_fraction")
+        if self.emulate and not self.power_cap_w:
+            raise ConfigError("emulate applies to the power cap: set power_cap_w too", "emulate")
         if self.retry_max_s < self.retry_initial_s:
             raise ConfigError(f"retry_max_s must be at least retry_initial_s ({self.retry_initial_s:g}), got "
                               f"{self.retry_max_s:g}", "retry_max_s")

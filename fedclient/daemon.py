@@ -1,11 +1,13 @@
 """The device daemon: dial out, join, take work, download, fine-tune, upload, report, repeat."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import torch
 
 import fedcore
 from fedcore import hardware, power
+from fedcore.batching import encode_examples
 from fedcore.data import Example, dirichlet_partition, load_corpus
 from fedcore.metrics import MetricsServer, serve_metrics
 from fedcore.efficiency import NUMERIC_KEYS, figures
@@ -29,11 +32,12 @@ from fedcore.sdnotify import Notifier, Watchdog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
+from .capping import PowerCapper, Round
 from .config import ClientConfig
 from .metrics import DeviceStats, client_registry
 from .feedback import load_residual, save_residual
 from .statedir import LinkRates, PendingUpload, StateDir
-from .trainer import TrainSettings, train_local
+from .trainer import TrainResult, TrainSettings, train_local
 from .transfer import Limits, TransferStats, fetch, upload, upload_seeds
 
 # The server turned down a task-level request (round closed, task not ours): drop that work, keep serving.
@@ -107,6 +111,8 @@ class Daemon:
         self._metrics: MetricsServer | None = None
         log.info("device %s: %d local examples, torch device %s", self.cfg.device_id, len(self.examples), self.device)
         self.hardware, self.power_source = probe_hardware(self.cfg, self.device)
+        self.capper = (PowerCapper(self.cfg, self.disk.root if self.disk else None, self.power_source,
+                                   self.hardware.name) if self.cfg.power_cap_w else None)
 
     # ------------------------------------------------------------ helpers
     def _backoff(self, attempt: int) -> None:
@@ -177,6 +183,8 @@ class Daemon:
             return code
         finally:
             self.stats.connected = False
+            if self.capper is not None:
+                self.capper.close()
             self.notifier.stopping(f"{self.phase}; {self.stats.rounds_completed} rounds done")
             self.watchdog.stop()
             if self._metrics is not None:
@@ -275,6 +283,35 @@ class Daemon:
         self.trainee.load(self.base)
         return self.trainee
 
+    def _train(self, work: Work) -> tuple[TrainResult, power.PowerReading | None, int, Trainee, Round | None]:
+        """The round's local training (under the power cap when one is set), metered."""
+        settings, capped, capper = work.settings, None, self.capper
+        if capper is not None and work.method.update_form == "tensors":
+            # Profiling trains the model on synthetic items: before the round's weights are loaded.
+            model_name = "t5-" + hashlib.sha256(self.model_config.encode()).hexdigest()[:12]
+            capper.ensure_profile(self.model, model_name, settings, self.device)
+        trainee = self._load_global(work.method)
+        if capper is not None and work.method.update_form == "tensors":
+            items = encode_examples(self.tokenizer, self.examples, settings.max_input_tokens,
+                                    settings.max_target_tokens)
+            settings, capped = capper.choose(settings, capper.ensure_noise(self.model, items, settings.seed))
+        elif capper is not None:
+            log.warning("power cap: %s trains by forward passes only; not capped", work.method.describe())
+        # A method whose update is (seed, scalar) pairs trains by its own forward-only steps.
+        estimator = trainee.start(settings.seed) if trainee.update_form == "seeds" else None
+        with capper.training(capped, self.power_source) if capped else nullcontext(self.power_source) as source:
+            meter = power.PowerMeter(source, hz=self.cfg.power_hz).start()
+            try:
+                result = train_local(self.model, self.tokenizer, self.examples, settings, self.device,
+                                     weight_grads=trainee.weight_grads, zero_order=estimator)
+            finally:
+                reading = meter.stop()
+        if capped is not None and capped.emulated is not None:
+            e = capped.emulated
+            log.info("power cap, EMULATED %s: %d steps in %.1f s at %.1f W, %.0f J; %d watchdog step(s) down",
+                     self.cfg.emulate, e.steps, e.seconds, e.mean_w or 0.0, e.energy_j or 0.0, len(e.steps_down))
+        return result, reading, settings.batch_size, trainee, capped
+
     def _serve(self, stub: pbg.FederationStub) -> bool:
         """Poll for work; True when the server ends the run."""
         while not self._stop:
@@ -351,17 +388,8 @@ class Daemon:
                     else ""))
             log.info("round %d: downloaded %.2f MB in %.2f s (%d attempts)%s", task.round, bytes_down / 1e6, t_down,
                      dstats.attempts, how)
-        trainee = self._load_global(work.method)
-        settings, batch = work.settings, work.settings.batch_size
         self.phase = f"round {task.round}: training"
-        # A method whose update is (seed, scalar) pairs trains by its own forward-only steps.
-        estimator = trainee.start(settings.seed) if trainee.update_form == "seeds" else None
-        meter = power.PowerMeter(self.power_source, hz=self.cfg.power_hz).start()
-        try:
-            result = train_local(self.model, self.tokenizer, self.examples, settings, self.device,
-                                 weight_grads=trainee.weight_grads, zero_order=estimator)
-        finally:
-            reading = meter.stop()
+        result, reading, batch, trainee, capped = self._train(work)
         hw = figures(result.tokens, result.t_comp_s, result.model_flops, self.hardware.peak_flops, reading)
         log.info("round %d: %d steps x batch %d, %d tokens in %.2f s (%.0f tokens/s%s), loss %.4f; %s", task.round,
                  result.steps, batch, result.tokens, result.t_comp_s, result.tokens_per_s,
@@ -385,6 +413,8 @@ class Daemon:
                  "download_deltas": float(deltas)}
         if replayed:
             extra.update(download_replayed_rounds=float(replayed), replay_s=replay_s)
+        if capped is not None:
+            extra.update(capped.record())
         if link_down_bps > 0:
             # Link rates as this device measured them, for the server's link-aware encoding choice.
             extra["link_down_bps"] = link_down_bps
