@@ -264,15 +264,6 @@ def measure_noise_scale(preset: str, cfg: BenchConfig, device: torch.device, b_b
     return pc.gradient_noise_scale(model, pc.t5_chunk_loss, items, 1, b_big, repeats, cfg.seed)
 
 
-def spread(values: list[int], n: int) -> tuple[int, ...]:
-    """``n`` of the ascending ``values``, evenly spread, both ends included (n = 0: all)."""
-    if n == 0 or n >= len(values):
-        return tuple(values)
-    if n == 1:
-        return (values[-1],)
-    return tuple(sorted({values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)}))
-
-
 def render_grid(profile: pc.Profile, cap_w: float) -> list[str]:
     """Batch x frequency: seconds per step / average W, '*' over the cap."""
     freqs = sorted({r.hz for r in profile.rows})
@@ -373,7 +364,7 @@ def run_power_cap(cfg: BenchConfig, probe: Callable[[], tuple[Hardware, PowerSou
         dev = found
     noise, how = _noise(cfg, preset, device)
     eff = pc.BatchEfficiency(noise)
-    freqs = spread(sorted(dev.knob.frequencies()), cfg.frequencies)
+    freqs = pc.spread(sorted(dev.knob.frequencies()), cfg.frequencies)
     batches = tuple(2 ** i for i in range(cfg.max_batch.bit_length()) if 2 ** i <= cfg.max_batch)
     echo(f"clock: {dev.knob.name} ({dev.knob.detail}); {len(freqs)} of its {len(dev.knob.frequencies())} "
          f"frequencies; power: {dev.source.name} ({dev.source.detail})")

@@ -32,7 +32,8 @@ from fedcore.sdnotify import Notifier, Watchdog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
-from .capping import PowerCapper, Round
+from .capping import CLOCK_JOURNAL, PowerCapper, Round
+from .clocks import ClockError, recover
 from .config import ClientConfig
 from .metrics import DeviceStats, client_registry
 from .feedback import load_residual, save_residual
@@ -111,8 +112,11 @@ class Daemon:
         self._metrics: MetricsServer | None = None
         log.info("device %s: %d local examples, torch device %s", self.cfg.device_id, len(self.examples), self.device)
         self.hardware, self.power_source = probe_hardware(self.cfg, self.device)
+        if self.disk is not None:
+            # Whether or not this run caps power: a daemon killed under a cap left clocks locked.
+            recover(self.disk.root / CLOCK_JOURNAL)
         self.capper = (PowerCapper(self.cfg, self.disk.root if self.disk else None, self.power_source,
-                                   self.hardware.name) if self.cfg.power_cap_w else None)
+                                   self.hardware.name, len(self.examples)) if self.cfg.power_cap_w else None)
 
     # ------------------------------------------------------------ helpers
     def _backoff(self, attempt: int) -> None:
@@ -184,7 +188,10 @@ class Daemon:
         finally:
             self.stats.connected = False
             if self.capper is not None:
-                self.capper.close()
+                try:
+                    self.capper.close()
+                except (ClockError, OSError) as exc:  # the journal keeps the originals for the next start
+                    log.error("could not restore the clocks: %s", exc)
             self.notifier.stopping(f"{self.phase}; {self.stats.rounds_completed} rounds done")
             self.watchdog.stop()
             if self._metrics is not None:
@@ -292,9 +299,10 @@ class Daemon:
             capper.ensure_profile(self.model, model_name, settings, self.device)
         trainee = self._load_global(work.method)
         if capper is not None and work.method.update_form == "tensors":
-            items = encode_examples(self.tokenizer, self.examples, settings.max_input_tokens,
-                                    settings.max_target_tokens)
-            settings, capped = capper.choose(settings, capper.ensure_noise(self.model, items, settings.seed))
+            items = lambda: encode_examples(self.tokenizer, self.examples, settings.max_input_tokens,  # noqa: E731
+                                            settings.max_target_tokens)
+            eff = capper.ensure_noise(work.method.describe(), self.model, items, settings.seed)
+            settings, capped = capper.choose(settings, eff)
         elif capper is not None:
             log.warning("power cap: %s trains by forward passes only; not capped", work.method.describe())
         # A method whose update is (seed, scalar) pairs trains by its own forward-only steps.

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from fedcore.clock import Clock
 from fedcore.power import PowerMeter, PowerSource
 
-from .clocks import FrequencyKnob
+from .clocks import ClockError, FrequencyKnob
 
 if TYPE_CHECKING:
     import torch
@@ -176,6 +176,15 @@ def cached_profile(directory: Path | None, key: ProfileKey, make: Callable[[], P
     return profile, False
 
 
+def spread(values: list[int], n: int) -> tuple[int, ...]:
+    """``n`` of the ascending ``values``, evenly spread, both ends included (n = 0: all)."""
+    if n == 0 or n >= len(values):
+        return tuple(values)
+    if n == 1:
+        return (values[-1],)
+    return tuple(sorted({values[round(i * (len(values) - 1) / (n - 1))] for i in range(n)}))
+
+
 # -------------------------------------------------------- batch efficiency
 @dataclass(frozen=True)
 class NoiseEstimate:
@@ -188,7 +197,11 @@ class NoiseEstimate:
 
     @property
     def b_simple(self) -> float:
-        return self.trace / self.g2 if self.g2 > 0 else math.inf  # no signal above the noise: any batch helps
+        if not (math.isfinite(self.g2) and math.isfinite(self.trace)):
+            raise ValueError(f"gradient norms are not finite (|G|^2 {self.g2}, tr(S) {self.trace})")
+        if self.g2 <= 0:
+            return math.inf  # no signal above the noise: any batch helps
+        return max(0.0, self.trace / self.g2)  # a negative trace is the estimator's noise: no gradient noise
 
     @classmethod
     def from_norms(cls, b_small: int, sq_small: float, b_big: int, sq_big: float) -> "NoiseEstimate":
@@ -334,6 +347,7 @@ class Watchdog:
     window_s: float = 1.0
     steps_down: list[StepDown] = field(default_factory=list)
     over_at_floor: int = 0  # means over the cap with no lower frequency left
+    failed_locks: int = 0  # step-downs the clock refused
     peak_mean_w: float = 0.0
     final_hz: int = 0  # the frequency training ended at (set by :func:`capped`)
     _window: list[tuple[float, float]] = field(default_factory=list)
@@ -355,7 +369,14 @@ class Watchdog:
                     log.warning("power %.1f W over the %.1f W cap at the lowest frequency %g MHz", mean, self.cap_w,
                                 now / 1e6)
                 return None
-            self.knob.lock(lower[-1])
+            try:
+                self.knob.lock(lower[-1])
+            except (ClockError, OSError, ValueError) as exc:  # keep metering: the reading is still good
+                self.failed_locks += 1
+                if self.failed_locks == 1:
+                    log.warning("power %.1f W over the %.1f W cap, and lowering the clock failed: %s", mean,
+                                self.cap_w, exc)
+                return None
             event = StepDown(t, now, lower[-1], mean)
             self.steps_down.append(event)
             self._window.clear()
@@ -370,7 +391,8 @@ class Watchdog:
     def record(self) -> dict[str, Any]:
         """Fields for a round record."""
         return {"final_gpu_hz": self.final_hz, "watchdog_steps_down": len(self.steps_down),
-                "over_cap_at_lowest": self.over_at_floor, "peak_window_w": self.peak_mean_w}
+                "over_cap_at_lowest": self.over_at_floor, "peak_window_w": self.peak_mean_w,
+                "watchdog_failed_locks": self.failed_locks}
 
 
 @contextmanager
@@ -383,8 +405,10 @@ def capped(knob: FrequencyKnob, source: PowerSource, clock: Clock, choice: Choic
     try:
         yield dog.tap(source, clock), dog
     finally:
-        dog.final_hz = knob.current()
-        knob.restore()
+        try:
+            dog.final_hz = knob.current()
+        finally:
+            knob.restore()
 
 
 @dataclass
