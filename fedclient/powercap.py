@@ -338,8 +338,10 @@ class Watchdog:
     """Lowers the knob one frequency step when the power's running mean over ``window_s`` exceeds the cap.
 
     Fed (time, watts) readings: by hand (:meth:`feed`), or by a power meter
-    reading through :meth:`tap`. After a step down the window starts afresh:
-    readings taken at the old frequency say nothing about the new one.
+    reading through :meth:`tap`. It acts only on a full window (readings over
+    ``window_s`` since the first one, or since the last step down): one reading
+    over the cap is a spike, not a mean. After a step down the window starts
+    afresh: readings taken at the old frequency say nothing about the new one.
     """
 
     knob: FrequencyKnob
@@ -351,13 +353,18 @@ class Watchdog:
     peak_mean_w: float = 0.0
     final_hz: int = 0  # the frequency training ended at (set by :func:`capped`)
     _window: list[tuple[float, float]] = field(default_factory=list)
+    _since: float | None = None  # when the current window began filling
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def feed(self, t: float, watts: float) -> StepDown | None:
         with self._lock:
+            if self._since is None:
+                self._since = t
             self._window.append((t, watts))
             self._window = [(ts, w) for ts, w in self._window if ts >= t - self.window_s]
             mean = sum(w for _, w in self._window) / len(self._window)
+            if t - self._since < self.window_s:
+                return None
             self.peak_mean_w = max(self.peak_mean_w, mean)
             if mean <= self.cap_w:
                 return None
@@ -380,6 +387,7 @@ class Watchdog:
             event = StepDown(t, now, lower[-1], mean)
             self.steps_down.append(event)
             self._window.clear()
+            self._since = t
             log.warning("power %.1f W over the %.1f W cap: %s %g -> %g MHz", mean, self.cap_w, self.knob.name,
                         now / 1e6, lower[-1] / 1e6)
             return event

@@ -190,13 +190,15 @@ class FakeKnob:
 def test_watchdog_steps_down_one_step_on_the_running_mean_and_never_below_the_lowest() -> None:
     knob = FakeKnob()
     dog = pc.Watchdog(knob, cap_w=20.0, window_s=1.0)
-    assert dog.feed(0.0, 18.0) is None and dog.feed(0.5, 21.0) is None  # a spike in a mean of 19.5
-    event = dog.feed(0.9, 22.0)  # mean 20.33
-    assert event == pc.StepDown(0.9, 300, 200, pytest.approx(61 / 3)) and knob.now == 200
-    assert dog.feed(1.0, 21.0) is not None and knob.now == 100  # the window started afresh at 200
-    assert dog.feed(1.1, 25.0) is None and knob.now == 100 and dog.over_at_floor == 1
-    assert dog.feed(3.0, 10.0) is None  # old readings have left the window
-    assert len(dog.steps_down) == 2 and dog.peak_mean_w == 25.0
+    assert dog.feed(0.0, 25.0) is None and knob.now == 300  # one reading over the cap: not a full window yet
+    assert dog.feed(0.5, 15.0) is None and dog.feed(1.0, 19.0) is None  # full at 1.0: mean 19.67, under
+    event = dog.feed(1.4, 27.0)  # the window (0.5, 1.0, 1.4]: mean 20.33
+    assert event == pc.StepDown(1.4, 300, 200, pytest.approx(61 / 3)) and knob.now == 200
+    assert dog.feed(1.5, 30.0) is None and knob.now == 200  # the window started afresh at 200: a spike waits
+    assert dog.feed(2.4, 21.0) is not None and knob.now == 100  # a full window at 200 over the cap
+    assert dog.feed(3.4, 25.0) is None and knob.now == 100 and dog.over_at_floor == 1
+    assert dog.feed(5.0, 10.0) is None  # old readings have left the window
+    assert len(dog.steps_down) == 2 and dog.peak_mean_w == 25.5
 
 
 def test_watchdog_reads_through_a_power_meter_and_differences_energy_counters() -> None:
@@ -213,8 +215,9 @@ def test_watchdog_reads_through_a_power_meter_and_differences_energy_counters() 
 
     dog = pc.Watchdog(knob, cap_w=25.0, window_s=2.0)
     meter = PowerMeter(dog.tap(Counter(), clock), hz=5.0, clock=clock.monotonic).start()
-    clock.advance(0.5)
-    meter.sample()
+    for _ in range(6):  # 3 s: the 2 s window fills
+        clock.advance(0.5)
+        meter.sample()
     reading = meter.stop()
     assert reading is not None and reading.mean_w == pytest.approx(30.0)
     assert knob.now == 200 and dog.steps_down[0].mean_w == pytest.approx(30.0)
