@@ -293,12 +293,13 @@ class Daemon:
     def _train(self, work: Work) -> tuple[TrainResult, power.PowerReading | None, int, Trainee, Round | None]:
         """The round's local training (under the power cap when one is set), metered."""
         settings, capped, capper = work.settings, None, self.capper
-        if capper is not None and work.method.update_form == "tensors":
+        capping = capper is not None and work.method.backpropagates
+        if capping:
             # Profiling trains the model on synthetic items: before the round's weights are loaded.
             model_name = "t5-" + hashlib.sha256(self.model_config.encode()).hexdigest()[:12]
             capper.ensure_profile(self.model, model_name, settings, self.device)
         trainee = self._load_global(work.method)
-        if capper is not None and work.method.update_form == "tensors":
+        if capping:
             items = lambda: encode_examples(self.tokenizer, self.examples, settings.max_input_tokens,  # noqa: E731
                                             settings.max_target_tokens)
             eff = capper.ensure_noise(work.method.describe(), self.model, items, settings.seed)

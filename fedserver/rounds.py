@@ -13,6 +13,7 @@ it longer than the fold itself. Time comes from an injected clock
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -83,7 +84,6 @@ class Coordinator:
         self.downloads = DownloadPlanner(self.model, cfg.download_spec(), cfg.download_payload)
         self.intake = UploadIntake(cfg, self.model, self.out, self.lock, clock)
         self.links: dict[str, LinkEstimate] = {}
-        self._need: int | None = None  # peak bytes of one step of the method (fedcore.memory), once asked
         self._stop = threading.Event()
         self.phase = "starting"
         self.transfers = TransferBoard(clock)
@@ -378,15 +378,11 @@ class Coordinator:
                   if b.get("memory_source") == "config" and b.get("memory_bytes")}
         if not stated:
             return alive, ""
-        c = self.cfg
-        if self._need is None:
-            canonical = self.model.canonical()
-            self._need = self.method.memory_need(canonical, shape_of_state(canonical), c.batch_size,
-                                                 c.max_input_tokens, c.max_target_tokens)
-        out = {d: m for d, m in stated.items() if m < self._need}
+        out = {d: m for d, m in stated.items() if m < self.step_memory}
         if not out:
             return alive, ""
-        why = (f"; {len(out)} cannot afford {self.method.describe()} (a step needs {self._need / 2**20:.0f} MiB): "
+        why = (f"; {len(out)} cannot afford {self.method.describe()} (a step needs {self.step_memory / 2**20:.0f} "
+               f"MiB): "
                + ", ".join(f"{d} ({m / 2**20:.0f} MiB)" for d, m in sorted(out.items())))
         return [d for d in alive if d not in out], why
 
@@ -482,6 +478,13 @@ class Coordinator:
         self._update_estimates(records)
         self.last_records = [r.to_json() for r in records]
         self.rounds_completed_here += 1
+
+    @functools.cached_property
+    def step_memory(self) -> int:
+        """Peak bytes of one local step of the method at the run's batch and lengths (fedcore.memory)."""
+        c, canonical = self.cfg, self.model.canonical()
+        return self.method.memory_need(canonical, shape_of_state(canonical), c.batch_size, c.max_input_tokens,
+                                       c.max_target_tokens)
 
     def _held(self, device_id: str) -> str:
         """The version a device holds as far as the server knows: its last trained one, else what it offered at

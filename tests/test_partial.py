@@ -301,6 +301,6 @@ def test_devices_whose_stated_memory_cannot_hold_a_step_sit_out(tmp_path):
                 break
             threading.Event().wait(0.05)
         assert sorted(srv.coord.current.assignments) == ["free", "rich"]
-        assert 2**20 < srv.coord._need < 4096 * 2**20
+        assert 2**20 < srv.coord.step_memory < 4096 * 2**20
     finally:
         srv.close()

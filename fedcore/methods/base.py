@@ -119,6 +119,9 @@ class Method:
         """Names of the tensors devices train and upload and the strategy moves; None: every tensor."""
         return None
 
+    #: local steps run a backward pass (zero-order methods: forward passes only, so a step holds the weights)
+    backpropagates: ClassVar[bool] = True
+
     def memory_need(self, state: Mapping[str, torch.Tensor], shape: T5Shape, batch: int, input_tokens: int,
                     target_tokens: int) -> int:
         """Peak bytes of one local step (fedcore.memory): a device whose stated budget is below it sits out.
@@ -127,8 +130,9 @@ class Method:
         earliest trainable tensor, so LoRA keeps the activations of every block.
         """
         names = self.trainable(state)
-        return training_memory(shape, {k: t.numel() for k, t in state.items()},
-                               list(state) if names is None else names, batch, input_tokens, target_tokens).total
+        trained = [] if not self.backpropagates else list(state) if names is None else names
+        return training_memory(shape, {k: t.numel() for k, t in state.items()}, trained, batch, input_tokens,
+                               target_tokens).total
 
     def export(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The global state as a plain model (loads into a T5 as is), ties kept."""

@@ -33,8 +33,6 @@ import torch.nn.functional as F
 
 from fedcore import directions
 from fedcore.batching import IGNORE_INDEX, Batch
-from fedcore.flops import T5Shape
-from fedcore.memory import training_memory
 
 from .base import Method, Trainee, UpdateInvalid
 
@@ -171,6 +169,7 @@ class ZeroOrderMethod(Method):
 
     spec: ZeroOrderSpec = ZeroOrderSpec()
     update_form: ClassVar[str] = "seeds"
+    backpropagates: ClassVar[bool] = False  # forward passes only, perturbing in place
     summary_note: ClassVar[str] = " (seed, scalar) pairs"
     #: the blocks an update of this method may name
     blocks_allowed: ClassVar[tuple[int, ...]] = (WHOLE,)
@@ -185,12 +184,6 @@ class ZeroOrderMethod(Method):
         if download_payload != "weights":
             raise ValueError(f"{self.name}: a device holding a version replays the seeds of later rounds (a few KB) "
                              f"instead of broadcast deltas: set download_payload = 'weights'")
-
-    def memory_need(self, state: Mapping[str, torch.Tensor], shape: T5Shape, batch: int, input_tokens: int,
-                    target_tokens: int) -> int:
-        # Forward passes only, perturbing in place: the weights, nothing kept for a backward pass.
-        return training_memory(shape, {k: t.numel() for k, t in state.items()}, [], batch, input_tokens,
-                               target_tokens).total
 
     def to_task(self, training: pb.TrainingSettings) -> None:
         training.method = self.name
