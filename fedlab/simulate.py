@@ -381,7 +381,7 @@ class Fleet:
         self.out = Path(cfg.out)
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        for stale in ("summary.json", "rounds.jsonl", "registry.json"):
+        for stale in ("summary.json", "rounds.jsonl", "registry.json", "registry.jsonl"):
             (self.out / stale).unlink(missing_ok=True)
         # A new run starts clean: no checkpoint to resume, no device state (partial transfers, pending
         # uploads, error-feedback residual) from an old run.

@@ -15,7 +15,9 @@ from fedcore import logs
 
 from .config import ServerConfig
 from .errors import StateMismatch
-from .status import StatusConfig
+from .status import MAX_DEVICES_PAGE, StatusConfig
+
+DEVICES_PAGE = 50
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
@@ -40,6 +42,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     cfgmod.add_arguments(st, StatusConfig)
     st.add_argument("--json", action="store_true", help="print the status message as JSON")
     st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer")
+    st.add_argument("--devices", action="store_true",
+                    help="list known devices a page at a time, in id order (alive or gone, last seen, samples, "
+                         "accelerator, measured rates)")
+    st.add_argument("--page-size", type=int, default=None,
+                    help=f"devices per page, 1 to {MAX_DEVICES_PAGE} (default {DEVICES_PAGE}; with --all-devices "
+                         f"{MAX_DEVICES_PAGE})")
+    st.add_argument("--after", default=None, metavar="ID",
+                    help="with --devices: start after this device id (the previous page's last, as printed)")
+    st.add_argument("--all-devices", action="store_true",
+                    help="every known device: follows the pages to the end (with --json: one message)")
     return ap, sub
 
 
@@ -77,11 +89,26 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
-    from .status import fetch_status, render_status
+    from .status import check_page, fetch_all_devices, fetch_status, render_status
 
+    listing = args.devices or args.all_devices
+    after = args.after or ""
+    if args.page_size is not None and not 1 <= args.page_size <= MAX_DEVICES_PAGE:
+        raise ValueError(f"--page-size must be 1 to {MAX_DEVICES_PAGE}, got {args.page_size}")
+    if (after or args.page_size is not None) and not listing:
+        raise ValueError("--page-size and --after are for listing devices: add --devices (or --all-devices)")
+    page = 0 if not listing else args.page_size or (MAX_DEVICES_PAGE if args.all_devices else DEVICES_PAGE)
+    check_page(page, after)
     cfg = cfgmod.resolve(StatusConfig, args, args.config)
     try:
-        msg = fetch_status(cfg.server, cfg.security(), args.timeout)
+        if args.all_devices:
+            pages = iter(fetch_all_devices(cfg.server, cfg.security(), args.timeout, page, after))
+            msg = next(pages)
+            for more in pages:
+                msg.devices.extend(more.devices)
+            msg.devices_next_after = ""
+        else:
+            msg = fetch_status(cfg.server, cfg.security(), args.timeout, page, after)
     except grpc.RpcError as exc:
         code = exc.code()  # type: ignore[attr-defined]
         print(f"fedserver status: {cfg.server}: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore
@@ -91,7 +118,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(MessageToJson(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
     else:
-        print(render_status(msg, cfg.server))
+        more = "fedserver status --devices" + (f" --page-size {page}" if args.page_size is not None else "")
+        print(render_status(msg, cfg.server, next_command=more, after=after if listing else None))
     return 0
 
 

@@ -540,4 +540,4 @@ class Coordinator:
                                 + r.extra_value("emulated_sleep_s", 0.0)) / steps
                     e["step_s"] = per_step
                     e["overhead_s"] = max(0.0, r.t_comp_s - per_step * steps)
-            self.registry.save()
+            self.registry.save([r.client for r in records])

@@ -21,7 +21,7 @@ from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 from .auth import DEVICE_ID, gatekeeper_for, server_credentials
 from .rounds import Coordinator, RoundError, UpdateRefused
-from .status import status_message
+from .status import device_page, status_message
 
 log = logging.getLogger("fedserver.service")
 
@@ -282,7 +282,14 @@ class FederationService(pbg.FederationServicer):
         return pb.MetricsAck()
 
     def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.ServerStatus:
-        return status_message(self.coord.snapshot())
+        coord = self.coord
+        try:
+            with coord.lock:
+                page = device_page(coord.registry, request.devices_after, request.devices_page_size,
+                                   coord.clock.monotonic())
+        except ValueError as exc:  # a page the request cannot have
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return status_message(coord.snapshot(), *page)
 
 
 def make_server(coord: Coordinator, listen: str, max_workers: int) -> tuple[grpc.Server, int, health.HealthServicer]:

@@ -50,6 +50,7 @@ __all__ = [
     "StateMismatch",
     "save_checkpoint",
     "load_checkpoint",
+    "write_bytes_atomic",
     "write_json_atomic",
     "RoundLog",
     "CheckpointDir",
@@ -150,10 +151,14 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None], size: int) -> N
         raise
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync of the directory)."""
+    _atomic_write(Path(path), lambda f: f.write(data), len(data))
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    data = (json.dumps(obj, indent=2) + "\n").encode("utf-8")
-    _atomic_write(Path(path), lambda f: f.write(data), len(data))
+    write_bytes_atomic(path, (json.dumps(obj, indent=2) + "\n").encode("utf-8"))
 
 
 def _find_aliases(state: Mapping[str, Tensor]) -> tuple[dict[str, str], list[str]]:

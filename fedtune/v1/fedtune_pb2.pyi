@@ -512,8 +512,34 @@ class MetricsAck(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("devices_page_size", "devices_after")
+    DEVICES_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    devices_page_size: int
+    devices_after: str
+    def __init__(self, devices_page_size: _Optional[int] = ..., devices_after: _Optional[str] = ...) -> None: ...
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("device_id", "alive", "seconds_since_seen", "num_samples", "accelerator", "joined_unix", "down_bytes_per_s", "up_bytes_per_s", "step_s")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    JOINED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DOWN_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    UP_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    alive: bool
+    seconds_since_seen: float
+    num_samples: int
+    accelerator: str
+    joined_unix: float
+    down_bytes_per_s: float
+    up_bytes_per_s: float
+    step_s: float
+    def __init__(self, device_id: _Optional[str] = ..., alive: _Optional[bool] = ..., seconds_since_seen: _Optional[float] = ..., num_samples: _Optional[int] = ..., accelerator: _Optional[str] = ..., joined_unix: _Optional[float] = ..., down_bytes_per_s: _Optional[float] = ..., up_bytes_per_s: _Optional[float] = ..., step_s: _Optional[float] = ...) -> None: ...
 
 class TransferProgress(_message.Message):
     __slots__ = ("device_id", "direction", "round", "bytes_done", "bytes_total", "rate_bytes_per_s", "seconds", "active")
@@ -568,7 +594,7 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., g: _Optional[float] = ..., t_comm_s: _Optional[float] = ..., t_comp_s: _Optional[float] = ..., bytes_down: _Optional[int] = ..., bytes_up: _Optional[int] = ..., rouge_l: _Optional[float] = ..., eval_loss: _Optional[float] = ..., participants: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
-    __slots__ = ("phase", "round", "round_open", "rounds_total", "rounds_completed", "participants", "devices_connected", "devices_known", "deadline_unix", "model_version", "transfers", "last_round", "bytes_down_total", "bytes_up_total", "server_version")
+    __slots__ = ("phase", "round", "round_open", "rounds_total", "rounds_completed", "participants", "devices_connected", "devices_known", "deadline_unix", "model_version", "transfers", "last_round", "bytes_down_total", "bytes_up_total", "server_version", "devices", "devices_next_after")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_OPEN_FIELD_NUMBER: _ClassVar[int]
@@ -584,6 +610,8 @@ class ServerStatus(_message.Message):
     BYTES_DOWN_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BYTES_UP_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_NEXT_AFTER_FIELD_NUMBER: _ClassVar[int]
     phase: str
     round: int
     round_open: bool
@@ -599,4 +627,6 @@ class ServerStatus(_message.Message):
     bytes_down_total: int
     bytes_up_total: int
     server_version: str
-    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., round_open: _Optional[bool] = ..., rounds_total: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., devices_connected: _Optional[int] = ..., devices_known: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., model_version: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[TransferProgress, _Mapping]]] = ..., last_round: _Optional[_Union[RoundSummary, _Mapping]] = ..., bytes_down_total: _Optional[int] = ..., bytes_up_total: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceInfo]
+    devices_next_after: str
+    def __init__(self, phase: _Optional[str] = ..., round: _Optional[int] = ..., round_open: _Optional[bool] = ..., rounds_total: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ..., devices_connected: _Optional[int] = ..., devices_known: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., model_version: _Optional[str] = ..., transfers: _Optional[_Iterable[_Union[TransferProgress, _Mapping]]] = ..., last_round: _Optional[_Union[RoundSummary, _Mapping]] = ..., bytes_down_total: _Optional[int] = ..., bytes_up_total: _Optional[int] = ..., server_version: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ..., devices_next_after: _Optional[str] = ...) -> None: ...
