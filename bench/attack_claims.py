@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
 
 from fedclient.transfer import Limits, download, upload
@@ -113,7 +112,8 @@ def run_attack(out: Path, shift: float = 1.0, claim: int = 1 << 40) -> AttackRes
     cfg = server_config(out / "srv", fleet.server_settings())
     coord = build_coordinator(cfg)
     base = clone_tied(coord.state)[EMBEDDING]
-    server, port, _ = make_server(coord, cfg.listen, 16)
+    server = make_server(coord, cfg.listen, 16)
+    port = server.port
     server.start()
     loop = threading.Thread(target=coord.run, daemon=True)
     loop.start()

@@ -2,7 +2,7 @@
 
     python -m bench.fleet_load --devices 100,1000,10000 --rounds 2 [--procs 4] [--devices-per-channel 50]
                                [--devices-per-round 10] [--round-deadline-s 30] [--timeout-s 300]
-                               [--server-arg=--max-workers=64 ...] [--json]
+                               [--server-arg=--max-workers=64 ...] [--server-logs DIR] [--json]
 
 For each N: one `fedserver run` process (tiny preset, plaintext on
 127.0.0.1, a temporary run directory), and N devices spread over a few
@@ -64,7 +64,7 @@ class FleetSettings:
     rounds: int = 2
     devices_per_round: int = 10
     round_deadline_s: float = 30.0
-    poll_seconds: int = 10
+    poll_seconds: int = 30         # the server's default
     procs: int = 4
     devices_per_channel: int = 50
     min_frac: float = 1.0          # share of the fleet that must be connected before round 1 starts
@@ -86,6 +86,7 @@ class FleetResult:
     join_refused: dict[str, int] = field(default_factory=dict)    # status code -> refused Join calls
     poll_refused: dict[str, int] = field(default_factory=dict)    # status code -> refused GetTask calls
     transfer_failed: dict[str, int] = field(default_factory=dict)  # status code -> failed Download/Upload
+    upload_retried: dict[str, int] = field(default_factory=dict)   # status code -> Upload calls sent again
     polls_sent_away: int = 0       # WAIT at once with retry_after_ms: the server's long-poll slots were full
     sampled: int = 0               # (device, round) pairs the server's log says it sampled
     handed_out: int = 0            # TRAIN tasks the devices received
@@ -93,6 +94,7 @@ class FleetResult:
     handout_p50_s: float = math.nan
     handout_p99_s: float = math.nan
     handout_max_s: float = math.nan
+    handout_p99_by_round: dict[int, float] = field(default_factory=dict)
     rounds_completed: int = 0
     rounds_total: int = 0
     shutdown_seen: int = 0         # devices told SHUTDOWN: the run ended for them cleanly
@@ -103,6 +105,7 @@ class FleetResult:
     wall_s: float = 0.0
     timed_out: bool = False
     notes: list[str] = field(default_factory=list)
+    first_refusals: dict[str, str] = field(default_factory=dict)  # "RPC CODE" -> what the first one said
 
 
 # ------------------------------------------------------------------ devices
@@ -127,9 +130,17 @@ def _code(exc: BaseException) -> str:
         return type(exc).__name__
 
 
-async def _device(dev: str, stub: Any, s: FleetSettings, stop_at: float, out: dict[str, Any]) -> None:
+def _first(out: dict[str, Any], rpc: str, exc: Any) -> None:
+    """Keep what the first refusal of each kind said: a count alone does not say who refused."""
+    key = f"{rpc} {_code(exc)}"
+    if key not in out["first_refusals"]:
+        out["first_refusals"][key] = f"{exc.details()} {exc.debug_error_string()}"[:300]
+
+
+async def _device(dev: str, stub: Any, target: str, s: FleetSettings, stop_at: float, out: dict[str, Any]) -> None:
     """One device: Join, then poll; on TRAIN download the model and upload it back unchanged."""
     import grpc
+    from fedcore.channel import JOIN_TIMEOUT_S  # as the daemon waits
     from fedtune.v1 import fedtune_pb2 as pb
 
     def left() -> float:
@@ -141,11 +152,12 @@ async def _device(dev: str, stub: Any, s: FleetSettings, stop_at: float, out: di
         try:
             reply = await stub.Join(pb.JoinRequest(device_id=dev, num_samples=8,
                                                    capabilities=pb.Capabilities(accelerator="cpu")),
-                                    timeout=min(15.0, left()), wait_for_ready=True)
+                                    timeout=min(JOIN_TIMEOUT_S, left()), wait_for_ready=True)
             session = reply.session_id
             break
         except grpc.aio.AioRpcError as exc:
             out["join_refused"][_code(exc)] += 1
+            _first(out, "Join", exc)
             # Jittered so that refused devices do not come back as one wave.
             await asyncio.sleep(min(left(), random.uniform(0.5, 1.0) * backoff))
             backoff = min(backoff * 2, 8.0)
@@ -159,6 +171,7 @@ async def _device(dev: str, stub: Any, s: FleetSettings, stop_at: float, out: di
                                       timeout=min(s.poll_seconds + 10.0, left()))
         except grpc.aio.AioRpcError as exc:
             out["poll_refused"][_code(exc)] += 1
+            _first(out, "GetTask", exc)
             await asyncio.sleep(min(left(), random.uniform(0.5, 1.0) * backoff))
             backoff = min(backoff * 2, 8.0)
             continue
@@ -169,19 +182,28 @@ async def _device(dev: str, stub: Any, s: FleetSettings, stop_at: float, out: di
         if task.kind == pb.Task.TRAIN:
             got = time.time()
             out["handouts"].append((dev, task.round, got - (task.deadline_unix - s.round_deadline_s)))
-            await _train(dev, session, stub, task, left, out)
+            await _train(dev, session, target, task, left, out)
             continue
         if task.retry_after_ms:
             out["sent_away"] += 1
             await asyncio.sleep(min(left(), task.retry_after_ms / 1000))
 
 
-async def _train(dev: str, session: str, stub: Any, task: Any, left: Any, out: dict[str, Any]) -> None:
-    """Download the task's model and send the same chunks back as the update, as the daemon's streams do."""
-    import grpc
-    from fedtune.v1 import fedtune_pb2 as pb
+async def _train(dev: str, session: str, target: str, task: Any, left: Any, out: dict[str, Any]) -> None:
+    """Download the task's model and send the same chunks back as the update, as the daemon's streams do.
 
+    The transfers take a connection of their own, as a real device's would: a plaintext server counts
+    streams per connection, and polls share theirs among many devices.
+    """
+    import grpc
+    from fedcore.channel import CHANNEL_OPTIONS
+    from fedtune.v1 import fedtune_pb2 as pb
+    from fedtune.v1 import fedtune_pb2_grpc as pbg
+
+    channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS + [("fedtune.bench.channel", dev)])
+    stub = pbg.FederationStub(channel)
     try:
+        stage = "Download"
         manifest = None
         chunks = []
         call = stub.Download(pb.DownloadRequest(device_id=dev, session_id=session, model_version=task.model_version),
@@ -202,14 +224,29 @@ async def _train(dev: str, session: str, stub: Any, task: Any, left: Any, out: d
             for c in chunks:
                 yield pb.UploadMessage(chunk=c)
 
-        reply = await stub.Upload(messages(), timeout=min(60.0, left()))
+        stage = "Upload"
+        for attempt in range(6):
+            try:
+                reply = await stub.Upload(messages(), timeout=min(60.0, left()))
+                break
+            except grpc.aio.AioRpcError as exc:
+                # As the daemon does: a busy server (all upload slots staged) is asked again after a backoff.
+                # A refused stream can end INTERNAL on this side when the refusal beats its last write.
+                if _code(exc) not in ("RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE") or attempt == 5:
+                    raise
+                out["upload_retried"][_code(exc)] += 1
+                await asyncio.sleep(min(left(), random.uniform(0.5, 1.0) * 2 ** attempt))
         if reply.complete:
             out["uploaded"] += 1
         # Metrics end the server's wait for this device at once instead of after its grace period.
+        stage = "ReportMetrics"
         await stub.ReportMetrics(pb.RoundMetrics(device_id=dev, session_id=session, task_id=task.task_id,
                                                  round=task.round, num_samples=8), timeout=min(15.0, left()))
     except grpc.aio.AioRpcError as exc:
         out["transfer_failed"][_code(exc)] += 1
+        out.setdefault("notes", []).append(f"{dev} {stage}: {_code(exc)}: {exc.details()} {exc.debug_error_string()}"[:400])
+    finally:
+        await channel.close(grace=None)
 
 
 async def _fleet_part(target: str, ids: list[str], s: FleetSettings, stop_at: float) -> dict[str, Any]:
@@ -218,17 +255,18 @@ async def _fleet_part(target: str, ids: list[str], s: FleetSettings, stop_at: fl
     from fedtune.v1 import fedtune_pb2_grpc as pbg
 
     out: dict[str, Any] = {"joined": 0, "uploaded": 0, "shutdown": 0, "sent_away": 0, "handouts": [],
-                           "join_refused": Counter(), "poll_refused": Counter(), "transfer_failed": Counter()}
+                           "join_refused": Counter(), "poll_refused": Counter(), "transfer_failed": Counter(),
+                           "upload_retried": Counter(), "first_refusals": {}}
     n_ch = max(1, math.ceil(len(ids) / max(1, s.devices_per_channel)))
     # A distinct option per channel: gRPC would otherwise share one subchannel (one TCP connection) among them.
     channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS + [("fedtune.bench.channel", i)])
                 for i in range(n_ch)]
     stubs = [pbg.FederationStub(ch) for ch in channels]
-    tasks = [asyncio.ensure_future(_device(d, stubs[i % n_ch], s, stop_at, out)) for i, d in enumerate(ids)]
+    tasks = [asyncio.ensure_future(_device(d, stubs[i % n_ch], target, s, stop_at, out)) for i, d in enumerate(ids)]
     try:
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), max(1.0, stop_at - time.time() + 5))
     except asyncio.TimeoutError:
-        out["notes"] = ["a device loop outlived its deadline"]
+        out.setdefault("notes", []).append("a device loop outlived its deadline")
     for ch in channels:
         await ch.close(grace=None)
     return out
@@ -241,7 +279,7 @@ def _worker(target: str, ids: list[str], s: FleetSettings, stop_at: float, q: An
         out = asyncio.run(_fleet_part(target, ids, s, stop_at))
     except BaseException as exc:  # report, never leave the parent waiting
         out = {"error": f"{type(exc).__name__}: {exc}"}
-    for k in ("join_refused", "poll_refused", "transfer_failed"):
+    for k in ("join_refused", "poll_refused", "transfer_failed", "upload_retried"):
         if k in out:
             out[k] = dict(out[k])
     q.put(out)
@@ -328,7 +366,7 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
-def run_fleet(s: FleetSettings, workdir: Path | None = None) -> FleetResult:
+def run_fleet(s: FleetSettings, workdir: Path | None = None, keep_log: Path | None = None) -> FleetResult:
     """One server process and s.devices devices; everything ends within s.limit_s() (plus a few seconds)."""
     raise_fd_limit()  # the server inherits it
     res = FleetResult(devices=s.devices, rounds_total=s.rounds)
@@ -389,6 +427,8 @@ def run_fleet(s: FleetSettings, workdir: Path | None = None) -> FleetResult:
             sampler.done.set()
             sampler.join(2)
         log_text = log_path.read_text(errors="replace")
+        if keep_log is not None:
+            keep_log.write_text(log_text)
         res.rounds_completed = _rounds_completed(out)
     handouts: list[tuple[str, int, float]] = []
     for part in parts:
@@ -401,7 +441,9 @@ def run_fleet(s: FleetSettings, workdir: Path | None = None) -> FleetResult:
         res.polls_sent_away += part["sent_away"]
         handouts += part["handouts"]
         res.notes += part.get("notes", [])
-        for k in ("join_refused", "poll_refused", "transfer_failed"):
+        for k, v in part.get("first_refusals", {}).items():
+            res.first_refusals.setdefault(k, v)
+        for k in ("join_refused", "poll_refused", "transfer_failed", "upload_retried"):
             c = Counter(getattr(res, k))
             c.update(part[k])
             setattr(res, k, dict(c))
@@ -411,12 +453,23 @@ def run_fleet(s: FleetSettings, workdir: Path | None = None) -> FleetResult:
     lat = [x for _, _, x in handouts]
     res.handout_p50_s, res.handout_p99_s = _pct(lat, 0.50), _pct(lat, 0.99)
     res.handout_max_s = max(lat) if lat else math.nan
+    if handouts:
+        d, rnd, worst = max(handouts, key=lambda h: h[2])
+        res.notes.append(f"slowest hand-out: {d} in round {rnd}, {worst:.2f} s")
+        for r in sorted({r for _, r, _ in handouts}):
+            res.handout_p99_by_round[r] = _pct([x for _, rr, x in handouts if rr == r], 0.99)
+        res.notes.append("hand-out p99 by round: " + ", ".join(
+            f"{r}: {v:.2f} s" for r, v in res.handout_p99_by_round.items()))
     missed = sampled - {(d, r) for d, r, _ in handouts}
     if missed:
         res.notes.append(f"{len(missed)} sampled (device, round) pairs never received their task")
     res.server_peak_rss_mb = sampler.peak_rss / 2**20
     res.server_cpu_s = sampler.cpu_s
     res.wall_s = time.time() - t0
+    trouble = [ln for ln in log_text.splitlines() if "Traceback" in ln or "Unexpected [" in ln]
+    if trouble:
+        res.notes.append(f"the server log has {len(trouble)} tracebacks or unexpected errors; the first: "
+                         f"{trouble[0][:300]}")
     if res.server_exit not in (0, None) or res.timed_out or res.rounds_completed < s.rounds:
         tail = " | ".join(log_text.strip().splitlines()[-3:])
         res.notes.append(f"server exited {res.server_exit}; its log ends: {tail[:300]}")
@@ -456,6 +509,9 @@ def table(results: list[FleetResult]) -> str:
         extra = []
         if r.transfer_failed:
             extra.append(f"transfers failed {_codes(r.transfer_failed)}")
+        if r.upload_retried:
+            extra.append(f"uploads sent again after {_codes(r.upload_retried)} (server busy)")
+        extra += [f"first {k}: {v}" for k, v in sorted(r.first_refusals.items())]
         if r.timed_out:
             extra.append("server did not finish in time (stopped)")
         extra += r.notes
@@ -470,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--devices-per-round", type=int, default=10)
     ap.add_argument("--round-deadline-s", type=float, default=30.0)
-    ap.add_argument("--poll-seconds", type=int, default=10)
+    ap.add_argument("--poll-seconds", type=int, default=30)
     ap.add_argument("--procs", type=int, default=4, help="device processes")
     ap.add_argument("--devices-per-channel", type=int, default=50,
                     help="devices sharing one gRPC channel (one TCP connection)")
@@ -479,7 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra `fedserver run` argument, e.g. --server-arg=--max-workers=128 (repeatable)")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
+    ap.add_argument("--server-logs", type=Path, default=None,
+                    help="keep each server's log in this directory as server-N.log")
     a = ap.parse_args(argv)
+    if a.server_logs is not None:
+        a.server_logs.mkdir(parents=True, exist_ok=True)
     results = []
     for n in (int(x) for x in a.devices.split(",") if x.strip()):
         s = FleetSettings(devices=n, rounds=a.rounds, devices_per_round=a.devices_per_round,
@@ -487,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                           devices_per_channel=a.devices_per_channel, min_frac=a.min_frac, timeout_s=a.timeout_s,
                           server_args=a.server_arg)
         print(f"N={n}: running (limit {s.limit_s():.0f} s) ...", file=sys.stderr, flush=True)
-        results.append(run_fleet(s))
+        results.append(run_fleet(s, keep_log=a.server_logs / f"server-{n}.log" if a.server_logs else None))
         print(table(results), flush=True)
     if a.json:
         print(json.dumps([asdict(r) for r in results], indent=1, default=str))

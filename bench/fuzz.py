@@ -503,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         fleet = write_fleet(Path(tmp) / "certs", ["honest", "fuzzer"])
         cfg = fuzz_server_config(Path(tmp) / "run", fleet.server_settings())
         coord = build_coordinator(cfg)
-        server, port, _ = make_server(coord, "127.0.0.1:0", 16)
+        server = make_server(coord, "127.0.0.1:0", 16)
+        port = server.port
         server.start()
         loop = threading.Thread(target=coord.run, daemon=True)
         loop.start()

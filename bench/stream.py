@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                            max_message_bytes=max(16 << 20, args.chunk_elems * 4 + (1 << 20)),
                            max_chunk_elems=max(1 << 20, args.chunk_elems), **fleet.server_settings())
         coord = build_coordinator(cfg)
-        server, port, _ = make_server(coord, "127.0.0.1:0", 8)
+        server = make_server(coord, "127.0.0.1:0", 8)
+        port = server.port
         server.start()
         loop = threading.Thread(target=coord.run, daemon=True)
         loop.start()

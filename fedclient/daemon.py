@@ -27,7 +27,7 @@ from fedcore.models import load_pretrained, load_tokenizer, model_from_config_js
 from fedcore.wire import (CODECS, ENCODINGS, ErrorFeedback, TransferSpec, WireError, codec_name, digest, encoding_name,
                           subtract)
 from fedcore.wire.manifest import check_framing
-from fedcore.channel import open_channel
+from fedcore.channel import JOIN_TIMEOUT_S, open_channel
 from fedcore.sdnotify import Notifier, Watchdog
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -247,7 +247,7 @@ class Daemon:
         self.phase = f"joining {self.cfg.server}"
         reply = stub.Join(pb.JoinRequest(device_id=self.cfg.device_id, capabilities=self._capabilities(),
                                          num_samples=len(self.examples), cached_version=self.base_version),
-                          timeout=30, wait_for_ready=True)
+                          timeout=JOIN_TIMEOUT_S, wait_for_ready=True)
         self.session_id = reply.session_id
         if self.base_version == self._dir_version != "" and reply.base_version not in ("", self._dir_version):
             log.warning("the weights in %s (%s) are not this run's initial model (%s): other weights, another dtype "

@@ -9,7 +9,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from grpc_health.v1 import health_pb2
 
 from fedcore.clock import SYSTEM, Clock
 from fedcore.data import load_corpus, train_eval_split
@@ -104,7 +103,8 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
     watchdog = Watchdog(notifier)
     coord = build_coordinator(cfg, on_round, watchdog.beat)
     watchdog.status = lambda: _status_line(coord)
-    server, port, health_servicer = make_server(coord, cfg.listen, cfg.max_workers)
+    server = make_server(coord, cfg.listen, cfg.max_workers)
+    port = server.port
     server.start()
     metrics = serve_metrics(server_registry(coord), cfg.metrics_listen)
     log.info("serving fedtune.v1 on %s (port %d); %d rounds, %d devices a round, model %s", cfg.listen, port,
@@ -115,15 +115,11 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
     if on_ready:
         on_ready(port)
 
-    def not_serving() -> None:
-        for name in ("", "fedtune.v1.Federation"):
-            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-
     def _signal(signum: int, _frame: Any) -> None:
         # A stop is not the end of the run: devices keep reconnecting until a restarted server resumes it.
         log.warning("signal %d: stopping after the current step; a restart resumes from the last checkpoint",
                     signum)
-        not_serving()
+        server.not_serving()
         notifier.stopping(f"signal {signum}: stopping after the current step")
         coord.stop()
 
@@ -142,7 +138,7 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
         for s, h in old.items():
             signal.signal(s, h)
         # The run is over, stopped or failed: health checks say so while the devices are told.
-        not_serving()
+        server.not_serving()
         if coord.finished:
             notifier.stopping(f"finished after round {coord.round_no}; telling devices")
             # Devices learn of the end at their next poll; give them one poll period.
@@ -152,8 +148,7 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
             log.info("%s after round %d of %d; devices will reconnect and a restart resumes from the checkpoint",
                      coord.phase, coord.round_no, cfg.rounds)
             notifier.stopping(f"{coord.phase} after round {coord.round_no}; devices will reconnect")
-        health_servicer.enter_graceful_shutdown()
-        server.stop(grace=2.0).wait()
+        server.stop(grace=2.0)
         watchdog.stop()
         if metrics is not None:
             metrics.close()
@@ -165,7 +160,8 @@ def _drain(coord: Coordinator, seconds: float, beat: Callable[[], None]) -> None
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         beat()
-        told = coord.registry.devices.keys() <= coord.told_shutdown
+        with coord.lock:  # devices heard from lately; those gone for long are not waited for
+            told = set(coord.registry.alive()) <= coord.told_shutdown
         if told:
             return
         time.sleep(0.2)

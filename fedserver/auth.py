@@ -1,4 +1,4 @@
-"""Who is calling: every RPC passes the Gatekeeper interceptor before its handler runs.
+"""Who is calling: every RPC passes the Gatekeeper interceptor (grpc.aio) before its handler runs.
 
 The gatekeeper, in one place for every method (new RPCs included):
 
@@ -20,13 +20,12 @@ Handlers may therefore trust ``request.device_id``.
 from __future__ import annotations
 
 import hashlib
-import itertools
+import inspect
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +129,7 @@ def claimed_device(msg: Message) -> str | None:
     return None
 
 
-class Gatekeeper(grpc.ServerInterceptor):
+class Gatekeeper(grpc.aio.ServerInterceptor):
     """Identity, revocation, rate and stream limits, and request parsing for every RPC."""
 
     def __init__(self, mode: str, limits: GateLimits, revoked: RevokedList | None = None,
@@ -146,9 +145,10 @@ class Gatekeeper(grpc.ServerInterceptor):
         self._streams: dict[str, int] = {}
         self._cert_cache: dict[bytes, tuple[str, str]] = {}
         self.refused: dict[str, int] = {}  # reason -> count, for the log and tests
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # method -> its handler behind the checks
 
     # ------------------------------------------------------------ identity
-    def identify(self, context: grpc.ServicerContext) -> Identity:
+    def identify(self, context: grpc.aio.ServicerContext) -> Identity:
         if self.mode == "insecure":
             return Identity("anonymous", context.peer())
         if self.mode == "token":
@@ -158,7 +158,7 @@ class Gatekeeper(grpc.ServerInterceptor):
                     token = v[7:]
             dev = self.tokens.get(_token_key(token)) if token else None
             if dev is None:
-                self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "token",
+                self._refuse(grpc.StatusCode.UNAUTHENTICATED, "token",
                              "no valid enrollment token: set enrollment_token in this device's config to its line "
                              "in the server's enrollment_tokens file (fedserver certs writes tokens.txt)")
             return Identity("device", dev)  # type: ignore[arg-type]
@@ -166,11 +166,11 @@ class Gatekeeper(grpc.ServerInterceptor):
         pem = (ac.get("x509_pem_cert") or [b""])[0]
         if not pem:
             # The handshake requires a certificate, so this means the server is misconfigured.
-            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "no_cert",
+            self._refuse(grpc.StatusCode.UNAUTHENTICATED, "no_cert",
                          "no client certificate on this connection: configure tls_cert and tls_key")
         kind, name, serial = self._from_cert(pem)
         if not kind:
-            self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, "cert_names_nobody",
+            self._refuse(grpc.StatusCode.UNAUTHENTICATED, "cert_names_nobody",
                          f"the client certificate (serial {serial}) has no {DEVICE_URI}<id> or {ADMIN_URI}<name> "
                          f"SAN: issue device certificates with `fedserver certs`")
         return Identity(kind, name, serial)
@@ -196,16 +196,16 @@ class Gatekeeper(grpc.ServerInterceptor):
                 self._cert_cache[pem] = hit
         return hit[0], hit[1], hit[2]
 
-    def admit(self, context: grpc.ServicerContext) -> Identity:
+    def admit(self, context: grpc.aio.ServicerContext) -> Identity:
         ident = self.identify(context)
         if ident.kind != "anonymous" and self.revoked.revoked(ident):
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "revoked",
+            self._refuse(grpc.StatusCode.PERMISSION_DENIED, "revoked",
                          f"{ident.kind} {ident.name!r} (certificate serial {ident.serial or '-'}) is revoked "
                          f"on this server; ask the operator for a new certificate")
-        self._take_token(ident, context)
+        self._take_token(ident)
         return ident
 
-    def _take_token(self, ident: Identity, context: grpc.ServicerContext) -> None:
+    def _take_token(self, ident: Identity) -> None:
         lim = self.limits
         if lim.rate_limit_rps <= 0:
             return
@@ -222,12 +222,12 @@ class Gatekeeper(grpc.ServerInterceptor):
             if ok:
                 b.tokens -= 1.0
         if not ok:
-            self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate",
+            self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate",
                          f"{ident.name!r} exceeded {lim.rate_limit_rps:g} requests/s (burst "
                          f"{lim.rate_limit_burst}); back off and retry")
 
-    @contextmanager
-    def stream_slot(self, ident: Identity, context: grpc.ServicerContext) -> Iterator[None]:
+    def open_stream(self, ident: Identity) -> None:
+        """Count a stream against the caller's cap (Refused when full); close_stream gives it back."""
         cap = self.limits.max_streams_per_device
         with self._lock:
             n = self._streams.get(ident.name, 0)
@@ -235,106 +235,144 @@ class Gatekeeper(grpc.ServerInterceptor):
             if not full:
                 self._streams[ident.name] = n + 1
         if full:
-            self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "streams",
+            self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, "streams",
                          f"{ident.name!r} already has {cap} streams open; finish one first")
-        try:
-            yield
-        finally:
-            with self._lock:
-                left = self._streams.get(ident.name, 1) - 1
-                if left:
-                    self._streams[ident.name] = left
-                else:
-                    self._streams.pop(ident.name, None)
 
-    def check_claim(self, ident: Identity, msg: Message, context: grpc.ServicerContext) -> None:
+    def close_stream(self, ident: Identity) -> None:
+        with self._lock:
+            left = self._streams.get(ident.name, 1) - 1
+            if left:
+                self._streams[ident.name] = left
+            else:
+                self._streams.pop(ident.name, None)
+
+    def check_claim(self, ident: Identity, msg: Message) -> None:
         if ident.kind == "anonymous":
             return
         claim = claimed_device(msg)
         if claim is None:
             return
         if ident.kind != "device":
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "admin_as_device",
+            self._refuse(grpc.StatusCode.PERMISSION_DENIED, "admin_as_device",
                          f"{ident.kind} {ident.name!r} may not act for device {claim[:40]!r}")
         if claim != ident.name:
-            self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "impersonation",
+            self._refuse(grpc.StatusCode.PERMISSION_DENIED, "impersonation",
                          f"device_id {claim[:40]!r} in the request is not this caller: its "
                          f"{'certificate' if self.mode == 'mtls' else 'enrollment token'} says {ident.name!r}")
 
-    def _refuse(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str) -> None:
+    def _refuse(self, code: grpc.StatusCode, reason: str, message: str) -> None:
         with self._lock:
             self.refused[reason] = self.refused.get(reason, 0) + 1
-        context.abort(code, message)
+        raise Refused(code, message)
 
     # ----------------------------------------------------------- wrapping
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        return self._wrap(handler)
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        # A method's handler never changes: wrapped once, not at every call (a fleet polls a thousand times a
+        # second).
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[details.method] = self._wrap(handler)
+        return wrapped
 
-    def _parse(self, deser: Callable[[bytes], Any] | None, raw: Any, context: grpc.ServicerContext) -> Any:
+    def _parse(self, deser: Callable[[bytes], Any] | None, raw: Any) -> Any:
         if deser is None:
             return raw
         try:
             return deser(raw)
         except (DecodeError, ValueError, TypeError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}"[:300])
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {exc}"[:300]) from None
+
+    def _admitted(self, deser: Callable[[bytes], Any] | None, raw: Any,
+                  context: grpc.aio.ServicerContext) -> tuple[Identity, Any]:
+        ident = self.admit(context)
+        req = self._parse(deser, raw)
+        self.check_claim(ident, req)
+        return ident, req
 
     def _wrap(self, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The same handler behind the checks; every behaviour must be a coroutine or an async generator."""
         deser, ser = h.request_deserializer, h.response_serializer
         if h.unary_unary is not None:
             inner_uu = h.unary_unary
 
-            def unary_unary(raw: Any, context: grpc.ServicerContext) -> Any:
-                ident = self.admit(context)
-                req = self._parse(deser, raw, context)
-                self.check_claim(ident, req, context)
-                return inner_uu(req, context)
+            async def unary_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    _, req = self._admitted(deser, raw, context)
+                except Refused as r:
+                    await context.abort(r.code, r.message)
+                return await inner_uu(req, context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, None, ser)
         if h.unary_stream is not None:
             inner_us = h.unary_stream
 
-            def unary_stream(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                ident = self.admit(context)
-                req = self._parse(deser, raw, context)
-                self.check_claim(ident, req, context)
-                with self.stream_slot(ident, context):
-                    yield from inner_us(req, context)
+            async def opened(raw: Any, context: grpc.aio.ServicerContext) -> tuple[Identity, Any]:
+                try:
+                    ident, req = self._admitted(deser, raw, context)
+                    self.open_stream(ident)
+                except Refused as r:
+                    await context.abort(r.code, r.message)
+                return ident, req
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, None, ser)
+            async def unary_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                ident, req = await opened(raw, context)
+                try:
+                    async for msg in inner_us(req, context):
+                        yield msg
+                finally:
+                    self.close_stream(ident)
 
-        def messages(raw_iter: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            for raw in raw_iter:
-                yield self._parse(deser, raw, context)
+            async def unary_stream_writer(raw: Any, context: grpc.aio.ServicerContext) -> None:
+                # A handler that writes with context.write (the health service's Watch) rather than yielding.
+                ident, req = await opened(raw, context)
+                try:
+                    await inner_us(req, context)
+                finally:
+                    self.close_stream(ident)
 
-        def checked(ident: Identity, raw_iter: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            it = messages(raw_iter, context)
-            first = next(it, None)
-            if first is None:
-                return iter(())
-            self.check_claim(ident, first, context)
-            return itertools.chain([first], it)
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writer if inspect.iscoroutinefunction(inner_us) else unary_stream, None, ser)
+
+        async def checked(ident: Identity, raw_iter: AsyncIterator[Any],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            first = True
+            async for raw in raw_iter:
+                try:
+                    msg = self._parse(deser, raw)
+                    if first:
+                        self.check_claim(ident, msg)
+                        first = False
+                except Refused as r:
+                    await context.abort(r.code, r.message)
+                yield msg
 
         if h.stream_unary is not None:
             inner_su = h.stream_unary
 
-            def stream_unary(raw_iter: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                ident = self.admit(context)
-                with self.stream_slot(ident, context):
-                    return inner_su(checked(ident, raw_iter, context), context)
+            async def stream_unary(raw_iter: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    ident = self.admit(context)
+                    self.open_stream(ident)
+                except Refused as r:
+                    await context.abort(r.code, r.message)
+                try:
+                    return await inner_su(checked(ident, raw_iter, context), context)
+                finally:
+                    self.close_stream(ident)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, None, ser)
-        inner_ss = h.stream_stream
+        raise TypeError("the gatekeeper has no rule for stream-stream methods; add one before serving one")
 
-        def stream_stream(raw_iter: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            ident = self.admit(context)
-            with self.stream_slot(ident, context):
-                yield from inner_ss(checked(ident, raw_iter, context), context)
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, None, ser)
+class Refused(Exception):
+    """A call the gatekeeper turns away; the wrapper aborts it with this status."""
 
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
 
 
 def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:

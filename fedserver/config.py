@@ -153,9 +153,19 @@ class ServerConfig:
     eval_size: int = field(default=64, metadata=described("held-out examples evaluated after each round", ge=0))
     eval_batch_size: int = field(default=16, metadata=described("evaluation batch size", ge=1))
     # service
-    poll_seconds: int = field(default=10, metadata=described("longest a GetTask call is held", ge=1, le=3600))
-    liveness_s: float = field(default=60.0, metadata=described("a device unheard of this long is not sampled", gt=0))
-    max_workers: int = field(default=64, metadata=described("gRPC server threads", ge=1, le=10000))
+    # A waiting poll costs no thread, and a round's start ends it at once, so a long poll costs no hand-out
+    # latency; each poll does cost the server about 1 ms of CPU: N devices make N / poll_seconds calls a second.
+    poll_seconds: int = field(default=30, metadata=described(
+        "longest a GetTask call is held; a new round answers waiting polls at once", ge=1, le=3600))
+    liveness_s: float = field(default=90.0, metadata=described(
+        "a device unheard of this long is not sampled (more than poll_seconds)", gt=0))
+    # The pool computes (chunk encoding and checks, upload staging): more threads than cores only contend.
+    max_workers: int = field(default=16, metadata=described(
+        "threads for blocking work: upload and download chunks, status (a waiting poll holds none)", ge=1,
+        le=10000))
+    max_rpcs: int = field(default=30000, metadata=described(
+        "calls open at once, waiting polls included; more are refused with RESOURCE_EXHAUSTED (0: no limit)",
+        ge=0, le=10_000_000))
     max_concurrent_uploads: int = field(default=8, metadata=described("uploads staged in memory at once", ge=1))
     checkpoint_keep: int = field(default=3, metadata=described("checkpoints kept on disk", ge=1))
     save_updates: bool = field(default=False, metadata=described("keep every received update under out/updates"))

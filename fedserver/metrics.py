@@ -20,6 +20,7 @@ def server_registry(coord: Coordinator) -> Registry:
                                             "(down: sent to devices, up: verified from devices)")
     devices = reg.gauge(P + "devices_connected", "devices heard from within liveness_s")
     devices_known = reg.gauge(P + "devices_known", "devices that joined this server")
+    polls = reg.gauge(P + "polls_waiting", "GetTask calls held open until there is work (each holds no thread)")
     in_flight = reg.gauge(P + "transfers_in_flight", "model transfers streaming now, by direction")
     t_comm = reg.gauge(P + "last_round_t_comm_seconds", "T_comm of the last round (slowest device)")
     t_comp = reg.gauge(P + "last_round_t_comp_seconds", "T_comp of the last round (slowest device)")
@@ -39,6 +40,7 @@ def server_registry(coord: Coordinator) -> Registry:
         open_.set(int(snap["round_open"]))
         devices.set(snap["devices_connected"])
         devices_known.set(snap["devices_known"])
+        polls.set(snap["polls_waiting"])
         for direction, n in snap["bytes_total"].items():
             bytes_.set(n, direction=direction)
         for direction, n in snap["transfers_in_flight"].items():

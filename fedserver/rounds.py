@@ -44,6 +44,7 @@ from .roundlog import EvalRecord, RoundRecords, baseline_summary
 from .storage import CheckpointDir, StateMismatch
 from .strategy import ServerStrategy
 from .transfers import TransferBoard
+from .wakeups import Wakeups
 
 log = logging.getLogger("fedserver.rounds")
 
@@ -56,6 +57,13 @@ __all__ = ["Coordinator", "RoundError", "UpdateRefused", "UploadSession"]
 
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], EvalRecord]
+
+
+def sample_devices(alive: list[str], k: int, seed: int, number: int, attempt: int) -> list[str]:
+    """k of the devices, uniformly without replacement; the same run, round and attempt give the same sample
+    whatever order the devices come in (O(N log N) once a round, not per poll)."""
+    rng = random.Random(f"{seed}:{number}:{attempt}")
+    return sorted(rng.sample(sorted(alive), min(k, len(alive))))
 
 
 class Coordinator:
@@ -87,6 +95,7 @@ class Coordinator:
         self._stop = threading.Event()
         self.phase = "starting"
         self.transfers = TransferBoard(clock)
+        self.wakeups = Wakeups()  # polls waiting for their answer to change
         self.rounds_completed_here = 0  # by this process, for the Prometheus counter
         self.last_records: list[dict[str, Any]] = []  # the last aggregated round's per-device records
         self._resume()
@@ -135,6 +144,7 @@ class Coordinator:
             # After a crash the device has lost its task; the next GetTask gives it again.
             note = f"; task {a.task_id[:8]} of round {self.current.number} ({a.status}) is still its own" if a else ""
             self.lock.notify_all()
+        self.wakeups.wake([device_id])  # a poll under its old session ends now
         log.info("device %s joined (%d samples, %s)%s", device_id, num_samples, capabilities.get("accelerator", "?"),
                  note)
         return dev
@@ -160,24 +170,37 @@ class Coordinator:
                                              f"(not joined, or the server restarted): call Join again")
         return dev
 
+    def poll_task(self, device_id: str, session_id: str) -> pb.Task | None:
+        """A poll's answer now: the device's task, SHUTDOWN, or None (nothing yet; `wakeups` says when to ask
+        again). Raises RoundError for an unknown session or a stopping server."""
+        with self.lock:
+            return self._poll(device_id, session_id)
+
+    def _poll(self, device_id: str, session_id: str) -> pb.Task | None:
+        self._device(device_id, session_id)
+        if self.finished:
+            self.told_shutdown.add(device_id)
+            return pb.Task(kind=pb.Task.SHUTDOWN, round=self.round_no)
+        self._check_serving()
+        # A device asking for work has no upload of its task under way (it rejoined after a crash, or
+        # dropped an update it could not send): it gets the same task again, so the round need not wait
+        # for its deadline. What is staged stays: a resume continues it, a fresh upload replaces it.
+        a = self._open_assignment(device_id)
+        if a is None:
+            return None
+        if a.status != "sampled":
+            log.info("round %d: task %s given again to %s (its update was %s, not complete)",
+                     self.current.number, a.task_id[:8], device_id, a.status)
+        return self._task_for(self.current, a)
+
     def next_task(self, device_id: str, session_id: str, timeout: float) -> pb.Task:
+        """poll_task, waiting up to `timeout` on this thread (in-process callers; the server's polls hold none)."""
         end = self.clock.monotonic() + timeout
         with self.lock:
             while True:
-                self._device(device_id, session_id)
-                if self.finished:
-                    self.told_shutdown.add(device_id)
-                    return pb.Task(kind=pb.Task.SHUTDOWN, round=self.round_no)
-                self._check_serving()
-                # A device asking for work has no upload of its task under way (it rejoined after a crash, or
-                # dropped an update it could not send): it gets the same task again, so the round need not wait
-                # for its deadline. What is staged stays: a resume continues it, a fresh upload replaces it.
-                a = self._open_assignment(device_id)
-                if a is not None:
-                    if a.status != "sampled":
-                        log.info("round %d: task %s given again to %s (its update was %s, not complete)",
-                                 self.current.number, a.task_id[:8], device_id, a.status)
-                    return self._task_for(self.current, a)
+                task = self._poll(device_id, session_id)
+                if task is not None:
+                    return task
                 left = end - self.clock.monotonic()
                 if left <= 0:
                     return pb.Task(kind=pb.Task.WAIT, retry_after_ms=0)
@@ -298,6 +321,7 @@ class Coordinator:
                                    None),
                 "last_records": [dict(r) for r in self.last_records],
             }
+        snap["polls_waiting"] = len(self.wakeups)
         snap["transfers"] = self.transfers.snapshot()
         snap["transfers_in_flight"] = self.transfers.in_flight()
         snap["bytes_total"] = dict(self.transfers.bytes_total)
@@ -314,6 +338,7 @@ class Coordinator:
             if not self.finished:
                 self.phase = "stopping"
             self.lock.notify_all()
+        self.wakeups.wake_all()
 
     def run(self) -> None:
         """Run rounds until cfg.rounds are complete (or stop() is called)."""
@@ -341,6 +366,7 @@ class Coordinator:
                     self.phase = "stopped" if self._stop.is_set() else "failed"
                     self._stop.set()
                 self.lock.notify_all()
+            self.wakeups.wake_all()
 
     def _wait_for_devices(self) -> list[str]:
         """The connected devices that can afford the method, once enough are connected and can."""
@@ -390,8 +416,7 @@ class Coordinator:
         alive = self._wait_for_devices()
         if not alive:
             return False
-        rng = random.Random(f"{self.cfg.seed}:{number}:{attempt}")
-        sampled = sorted(rng.sample(sorted(alive), min(self.cfg.devices_per_round, len(alive))))
+        sampled = sample_devices(alive, self.cfg.devices_per_round, self.cfg.seed, number, attempt)
         now = self.clock.monotonic()
         with self.lock:
             # The registered samples as of sampling: a rejoin with a larger number cannot raise this round's weight.
@@ -408,6 +433,7 @@ class Coordinator:
                 number=number, attempt=attempt, version=self.version, started=now,
                 deadline=now + deadline_s, assignments=assignments, mean=self.model.new_mean())
             self.lock.notify_all()
+        self.wakeups.wake(sampled)
         log.info("round %d: sampled %s; policy %s: %s; deadline %.0f s", number, ", ".join(sampled),
                  self.cfg.round_policy, ", ".join(
                      f"{d} {a.local_steps} steps" if not a.local_samples else f"{d} {a.local_samples} samples"

@@ -1,29 +1,33 @@
-"""gRPC in and out: checks each request, calls the coordinator, maps errors to status codes."""
+"""gRPC in and out (grpc.aio): checks each request, calls the coordinator, maps errors to status codes."""
 from __future__ import annotations
 
+import asyncio
 import errno
+import functools
 import logging
 import math
-import random
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import fedcore
-from fedcore.channel import CHANNEL_OPTIONS
+from fedcore.channel import CHANNEL_OPTIONS, JOIN_TIMEOUT_S
 from fedcore.wire import WireError
 from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 from .auth import DEVICE_ID, gatekeeper_for, server_credentials
-from .rounds import Coordinator, RoundError, UpdateRefused
+from .rounds import Coordinator, RoundError, UpdateRefused, UploadSession
 from .status import device_page, status_message
 
 log = logging.getLogger("fedserver.service")
+
+T = TypeVar("T")
 
 _ROUND_CODES = {
     "not_found": grpc.StatusCode.NOT_FOUND,
@@ -37,29 +41,104 @@ _ROUND_CODES = {
 _WIRE_CODES = {"checksum": grpc.StatusCode.DATA_LOSS, "digest": grpc.StatusCode.DATA_LOSS}
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     if isinstance(exc, RoundError):
-        context.abort(_ROUND_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        await context.abort(_ROUND_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
     if isinstance(exc, WireError):
-        context.abort(_WIRE_CODES.get(exc.kind, grpc.StatusCode.INVALID_ARGUMENT), f"{exc.kind}: {exc}")
+        await context.abort(_WIRE_CODES.get(exc.kind, grpc.StatusCode.INVALID_ARGUMENT), f"{exc.kind}: {exc}")
     raise exc
 
 
-def _check_device(device_id: str, context: grpc.ServicerContext) -> None:
+async def _check_device(device_id: str, context: grpc.aio.ServicerContext) -> None:
     if not DEVICE_ID.match(device_id):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      f"device_id {device_id[:40]!r} must be 1-128 characters of letters, digits and ._:-")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"device_id {device_id[:40]!r} must be 1-128 characters of letters, digits and ._:-")
+
+
+async def _take(lock: threading.Lock, timeout: float) -> bool:
+    """Acquire a thread lock from the loop without blocking it; a cancelled wait holds nothing."""
+    end = asyncio.get_running_loop().time() + timeout
+    while not lock.acquire(blocking=False):
+        if asyncio.get_running_loop().time() >= end:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Ahead:
+    """A generator's next item made in the pool while the caller sends the current one."""
+
+    def __init__(self, pool: futures.ThreadPoolExecutor, gen: Iterator[T]) -> None:
+        self._pool, self._gen = pool, gen
+        self._fut = self._start()
+
+    def _start(self) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._pool, next, self._gen, None)
+
+    async def next(self) -> Any:
+        """The next item (None after the last); the one after it is started at once."""
+        item = await asyncio.shield(self._fut)
+        if item is not None:
+            self._fut = self._start()
+        return item
+
+    async def close(self) -> None:
+        """Wait for work in flight, so the generator is never left running in a thread (a cancelled call)."""
+        if not self._fut.done():
+            await asyncio.wait([self._fut])
+        elif not self._fut.cancelled():
+            self._fut.exception()  # retrieved: an error of the chunk after a cancelled send is not logged
+
+
+class _Stream:
+    """What an upload session holds of the stream feeding it: a way for a newer stream to end it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.replaced = False
+
+    def cancel(self) -> None:
+        """From any thread (the intake calls it in the pool): the older stream stops at its next await and
+        says why."""
+        self.replaced = True
+        if self.task is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
 
 
 class FederationService(pbg.FederationServicer):
-    def __init__(self, coord: Coordinator, poll_threads: int) -> None:
-        self.coord = coord
-        # Until a poll stops costing a thread, only this many threads may wait in GetTask: the rest stay
-        # free for uploads, downloads and joins however many devices are polling.
-        self._poll_slots = threading.BoundedSemaphore(max(1, poll_threads))
+    """The handlers run on the server's event loop: a poll waiting for work is a future, not a thread.
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        _check_device(request.device_id, context)
+    Calls that only take the coordinator's lock for a short critical section
+    (join, poll, upload status, metrics) run on the loop: handing each to a
+    thread costs more than the call, and dozens of threads contending for
+    the lock and the GIL during a fleet's join storm cost far more (measured:
+    see docs/explanation/fleet-scale.md). Work that blocks or computes
+    (opening and finishing an upload, encoding and verifying chunks, the
+    status snapshot) runs in the thread pool via `_blocking`.
+    """
+
+    def __init__(self, coord: Coordinator, pool: futures.ThreadPoolExecutor) -> None:
+        self.coord = coord
+        self.pool = pool
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the pool. A cancelled call (the client went away) still waits for fn to return, so
+        nothing it touches (an upload's receiver, a chunk generator) is used by two threads at once."""
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            await asyncio.wait([fut])
+            raise
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        await _check_device(request.device_id, context)
         caps = request.capabilities
         info = {"accelerator": caps.accelerator, "memory_bytes": caps.memory_bytes,
                 "software_version": caps.software_version, "cpu_count": caps.cpu_count,
@@ -68,71 +147,88 @@ class FederationService(pbg.FederationServicer):
             b = caps.budgets
             if min(b.memory_bytes, b.compute_flops, b.upload_bytes, b.head_fraction) < 0 or b.head_fraction > 1 \
                     or not math.isfinite(b.compute_flops) or not math.isfinite(b.head_fraction):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "capabilities.budgets: budgets must be finite and "
-                                                                ">= 0, head_fraction at most 1")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "capabilities.budgets: budgets must be finite "
+                                                                      "and >= 0, head_fraction at most 1")
             info["budgets"] = {"memory_bytes": b.memory_bytes, "compute_flops": b.compute_flops,
                                "upload_bytes": b.upload_bytes, "head_fraction": b.head_fraction,
                                "memory_source": b.memory_source[:32]}
         try:
             dev = self.coord.join(request.device_id, request.num_samples, info)
         except RoundError as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
         return pb.JoinReply(session_id=dev.session_id, model_preset=self.coord.model_preset,
                             model_config_json=self.coord.model_config_json,
                             poll_seconds=self.coord.cfg.poll_seconds, server_version=fedcore.__version__,
                             base_version=self.coord.model.initial_version)
 
-    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
-        _check_device(request.device_id, context)
+    async def GetTask(self, request: pb.TaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        """Answered at once when there is news, else held (a future, no thread) until there is or the poll ends."""
+        await _check_device(request.device_id, context)
+        loop = asyncio.get_running_loop()
         timeout = float(self.coord.cfg.poll_seconds)
         remaining = context.time_remaining()
         if remaining is not None:
             timeout = max(0.0, min(timeout, remaining - 1.0))
-        held = self._poll_slots.acquire(blocking=False)
-        try:
-            # Over the limit the poll is answered at once (a task, SHUTDOWN, or WAIT) and its thread freed.
-            task = self.coord.next_task(request.device_id, request.session_id, timeout if held else 0.0)
-        except RoundError as exc:
-            _abort(context, exc)
-            raise
-        finally:
-            if held:
-                self._poll_slots.release()
-        if not held and task.kind == pb.Task.WAIT:
-            # Jittered, so devices sent away together do not come back together.
-            task.retry_after_ms = int(1000 * max(1.0, self.coord.cfg.poll_seconds) * random.uniform(0.5, 1.0))
-        return task
+        end = loop.time() + timeout
+        wakeups = self.coord.wakeups
+        while True:
+            woken = loop.create_future()
+            wake = functools.partial(loop.call_soon_threadsafe, _resolve, woken)
+            # Watched before asking, so a round opening between the two is not missed.
+            wakeups.watch(request.device_id, wake)
+            try:
+                task = self.coord.poll_task(request.device_id, request.session_id)
+                if task is not None:
+                    return task
+                left = end - loop.time()
+                if left <= 0:
+                    return pb.Task(kind=pb.Task.WAIT, retry_after_ms=0)
+                timer = loop.call_later(left, _resolve, woken)  # the poll's end: asked once more, then WAIT
+                try:
+                    await woken
+                finally:
+                    timer.cancel()
+            except RoundError as exc:
+                await _abort(context, exc)
+            finally:
+                wakeups.unwatch(request.device_id, wake)
 
-    def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadMessage]:
-        _check_device(request.device_id, context)
+    async def Download(self, request: pb.DownloadRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DownloadMessage]:
+        await _check_device(request.device_id, context)
         try:
-            enc = self.coord.encoder_for(request.device_id, request.session_id, request.model_version,
-                                         request.encoding, request.codec, request.base_version)
+            enc = await self._blocking(self.coord.encoder_for, request.device_id, request.session_id,
+                                       request.model_version, request.encoding, request.codec, request.base_version)
             if isinstance(enc, pb.SeedReplay):
-                yield from self._replay(request, enc)
+                async for msg in self._replay(request, enc):
+                    yield msg
                 return
             start = request.start if request.HasField("start") else None
             chunks = enc.chunks(start)
         except (RoundError, WireError) as exc:
-            _abort(context, exc)
-            raise
+            await _abort(context, exc)
         cur = self.coord.current
         board = self.coord.transfers
         t = board.begin(request.device_id, "down", cur.number if cur is not None else self.coord.round_no,
                         enc.manifest.wire_bytes)
+        # Encoding a chunk (quantizing, compressing, its CRC) is CPU work: in the pool, one chunk ahead of
+        # the one being sent.
+        ahead = _Ahead(self.pool, chunks)
         try:
             yield pb.DownloadMessage(manifest=enc.manifest)
-            for chunk in chunks:
+            while (chunk := await ahead.next()) is not None:
                 self.coord.note_sent(request.device_id, request.model_version or enc.manifest.digest,
                                      enc.manifest.base_version, chunk)
                 yield pb.DownloadMessage(chunk=chunk)
                 board.add(t, len(chunk.payload) + len(chunk.scales))
         except WireError as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
         finally:
+            await ahead.close()
             board.end(t)
 
-    def _replay(self, request: pb.DownloadRequest, replay: pb.SeedReplay) -> Iterator[pb.DownloadMessage]:
+    async def _replay(self, request: pb.DownloadRequest,
+                      replay: pb.SeedReplay) -> AsyncIterator[pb.DownloadMessage]:
         """A zero-order run's download to a device holding a version: one message of seeds."""
         cur = self.coord.current
         msg = pb.DownloadMessage(replay=replay)
@@ -145,54 +241,60 @@ class FederationService(pbg.FederationServicer):
         finally:
             board.end(t)
 
-    def Upload(self, request_iterator: Iterator[pb.UploadMessage], context: grpc.ServicerContext) -> pb.UploadReply:
-        first = next(request_iterator, None)
+    async def Upload(self, request_iterator: AsyncIterator[pb.UploadMessage],
+                     context: grpc.aio.ServicerContext) -> pb.UploadReply:
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
         if first is None or first.WhichOneof("body") != "header":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload stream must start with an UploadHeader")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an upload stream must start with an UploadHeader")
         header = first.header
-        _check_device(header.device_id, context)
+        await _check_device(header.device_id, context)
         if header.HasField("seeds"):
-            return self._take_seeds(header, request_iterator, context)
+            return await self._take_seeds(header, messages, context)
         try:
-            sess = self.coord.open_upload(header)
+            sess = await self._blocking(self.coord.open_upload, header)
         except RoundError as exc:
-            _abort(context, exc)
-            raise
+            await _abort(context, exc)
         if not sess.stream_lock.acquire(blocking=False):
             # The device resumed, so from its side the older stream is dead; after a link drop the
             # server may not notice that for a keepalive period. The newer stream takes over.
             old = sess.context
             if old is not None:
                 old.cancel()
-            if not sess.stream_lock.acquire(timeout=10.0):
-                context.abort(grpc.StatusCode.ABORTED, f"another stream is still uploading task {header.task_id}")
-        sess.context = context
-        start = (header.start.tensor_index, header.start.offset) if header.HasField("start") else (0, 0)
-        nxt = sess.receiver.next_position()
-        if start != (0, 0) and (nxt is None or (nxt.tensor_index, nxt.offset) != start):
-            # The superseded stream delivered more while it was being cancelled.
+            if not await _take(sess.stream_lock, 10.0):
+                await context.abort(grpc.StatusCode.ABORTED,
+                                    f"another stream is still uploading task {header.task_id}")
+        stream = sess.context = _Stream()
+        try:
+            start = (header.start.tensor_index, header.start.offset) if header.HasField("start") else (0, 0)
+            nxt = sess.receiver.next_position()
+            if start != (0, 0) and (nxt is None or (nxt.tensor_index, nxt.offset) != start):
+                # The superseded stream delivered more while it was being cancelled.
+                await context.abort(grpc.StatusCode.ABORTED,
+                                    f"the server now holds task {header.task_id} up to "
+                                    f"{'the end' if nxt is None else (nxt.tensor_index, nxt.offset)}; "
+                                    f"ask UploadStatus")
+            return await self._receive(sess, header, messages, context)
+        except asyncio.CancelledError:
+            if not stream.replaced:
+                raise  # the device went away: nobody to answer
+            await context.abort(grpc.StatusCode.ABORTED, f"task {header.task_id}: this upload was replaced by a "
+                                                         f"newer stream from the device")
+        finally:
             sess.stream_lock.release()
-            context.abort(grpc.StatusCode.ABORTED, f"the server now holds task {header.task_id} up to "
-                                                   f"{'the end' if nxt is None else (nxt.tensor_index, nxt.offset)}; "
-                                                   f"ask UploadStatus")
+
+    async def _receive(self, sess: UploadSession, header: pb.UploadHeader, messages: AsyncIterator[pb.UploadMessage],
+                       context: grpc.aio.ServicerContext) -> pb.UploadReply:
+        """The chunks of an upload whose stream holds the session: verified and staged until the stream ends."""
         board = self.coord.transfers
         t = board.begin(header.device_id, "up", header.round, header.manifest.wire_bytes,
                         done=sess.receiver.bytes_received)
         try:
-            for msg in request_iterator:
+            async for msg in messages:
                 if msg.WhichOneof("body") != "chunk":
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the upload header")
-                try:
-                    sess.charge(msg.chunk)
-                except UpdateRefused as exc:
-                    self.coord.refuse_upload(sess, str(exc), exc.code)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the upload header")
                 before = sess.receiver.bytes_received
-                try:
-                    sess.receiver.accept(msg.chunk)
-                except WireError as exc:
-                    if exc.kind == "value":  # NaN/Inf: the update itself is bad, not its transport
-                        self.coord.refuse_upload(sess, f"{exc}")
-                    raise
+                await self._blocking(self._accept, sess, msg.chunk)
                 board.add(t, sess.receiver.bytes_received - before, done=sess.receiver.bytes_received)
             nxt = sess.receiver.next_position()
             r = sess.receiver
@@ -200,70 +302,80 @@ class FederationService(pbg.FederationServicer):
                 # The stream ended early: keep what was verified so the device can resume.
                 return pb.UploadReply(complete=False, chunks_received=r.chunks_received,
                                       bytes_received=r.bytes_received, next=nxt)
-            digest = self.coord.finish_upload(sess)
+            digest = await self._blocking(self.coord.finish_upload, sess)
             return pb.UploadReply(complete=True, chunks_received=r.chunks_received,
                                   bytes_received=r.bytes_received, digest=digest)
         except WireError as exc:
             log.warning("upload from %s rejected: %s", header.device_id, exc)
             if exc.kind not in ("checksum",):
                 self.coord.abandon_upload(sess)
-            _abort(context, exc)
-            raise
+            await _abort(context, exc)
         except RoundError as exc:
             self.coord.abandon_upload(sess)
-            _abort(context, exc)
-            raise
+            await _abort(context, exc)
         finally:
             board.end(t)
-            sess.stream_lock.release()
 
-    def _take_seeds(self, header: pb.UploadHeader, rest: Iterator[pb.UploadMessage],
-                    context: grpc.ServicerContext) -> pb.UploadReply:
+    def _accept(self, sess: UploadSession, chunk: pb.Chunk) -> None:
+        """Charge, verify and stage one chunk (in the pool: checksums, decompression and disk writes)."""
+        try:
+            sess.charge(chunk)
+        except UpdateRefused as exc:
+            self.coord.refuse_upload(sess, str(exc), exc.code)
+        try:
+            sess.receiver.accept(chunk)
+        except WireError as exc:
+            if exc.kind == "value":  # NaN/Inf: the update itself is bad, not its transport
+                self.coord.refuse_upload(sess, f"{exc}")
+            raise
+
+    async def _take_seeds(self, header: pb.UploadHeader, rest: AsyncIterator[pb.UploadMessage],
+                          context: grpc.aio.ServicerContext) -> pb.UploadReply:
         """A zero-order update: the header carries all of it; nothing may follow."""
         if header.HasField("manifest") or header.HasField("start"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a seed update carries no manifest and no resume point")
-        if next(rest, None) is not None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nothing may follow an UploadHeader carrying seeds")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "a seed update carries no manifest and no resume point")
+        if await anext(rest, None) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nothing may follow an UploadHeader carrying seeds")
         board = self.coord.transfers
         size = header.seeds.ByteSize()
         t = board.begin(header.device_id, "up", header.round, size)
         try:
-            digest = self.coord.take_seeds(header)
+            digest = await self._blocking(self.coord.take_seeds, header)
             board.add(t, size, done=size)
         except RoundError as exc:
-            _abort(context, exc)
-            raise
+            await _abort(context, exc)
         finally:
             board.end(t)
         return pb.UploadReply(complete=True, chunks_received=0, bytes_received=size, digest=digest)
 
-    def UploadStatus(self, request: pb.UploadStatusRequest, context: grpc.ServicerContext) -> pb.UploadStatusReply:
-        _check_device(request.device_id, context)
+    async def UploadStatus(self, request: pb.UploadStatusRequest,
+                           context: grpc.aio.ServicerContext) -> pb.UploadStatusReply:
+        await _check_device(request.device_id, context)
         try:
             known, nxt, complete = self.coord.upload_status(request.device_id, request.session_id, request.task_id)
         except RoundError as exc:
-            _abort(context, exc)
-            raise
+            await _abort(context, exc)
         reply = pb.UploadStatusReply(known=known, complete=complete)
         if nxt is not None:
             reply.next.CopyFrom(nxt)
         return reply
 
-    def ReportMetrics(self, request: pb.RoundMetrics, context: grpc.ServicerContext) -> pb.MetricsAck:
-        _check_device(request.device_id, context)
+    async def ReportMetrics(self, request: pb.RoundMetrics, context: grpc.aio.ServicerContext) -> pb.MetricsAck:
+        await _check_device(request.device_id, context)
         for name in ("t_down_s", "t_up_s", "t_wait_s", "t_comp_s"):
             v = getattr(request, name)
             if not 0 <= v < 1e7:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}={v} is not a duration in seconds")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}={v} is not a duration in seconds")
         for key, v in request.extra.items():
             if not (len(key) <= 64 and math.isfinite(v) and 0 <= v < 1e30):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"extra[{key[:64]!r}]={v} is not a finite, non-negative figure")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"extra[{key[:64]!r}]={v} is not a finite, non-negative figure")
         for name, limit in (("power_source", 32), ("hardware", 128)):
             text = getattr(request, name)
             if len(text) > limit or not text.isprintable():
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"{name} must be printable text of at most {limit} characters")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{name} must be printable text of at most {limit} characters")
         st = request.step_times
         m = {
             "round": request.round, "task_id": request.task_id, "t_down_s": request.t_down_s,
@@ -278,46 +390,107 @@ class FederationService(pbg.FederationServicer):
         try:
             self.coord.report_metrics(request.device_id, request.session_id, m)
         except RoundError as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
         return pb.MetricsAck()
 
-    def Status(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.ServerStatus:
-        coord = self.coord
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.ServerStatus:
         try:
-            with coord.lock:
-                page = device_page(coord.registry, request.devices_after, request.devices_page_size,
-                                   coord.clock.monotonic())
+            return await self._blocking(self._status, request)
         except ValueError as exc:  # a page the request cannot have
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _status(self, request: pb.StatusRequest) -> pb.ServerStatus:
+        coord = self.coord
+        with coord.lock:
+            page = device_page(coord.registry, request.devices_after, request.devices_page_size,
+                               coord.clock.monotonic())
         return status_message(coord.snapshot(), *page)
 
 
-def make_server(coord: Coordinator, listen: str, max_workers: int) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-ready (not yet started) server bound to listen; returns the bound port.
+class RpcServer:
+    """The grpc.aio server, on an event loop of its own thread, started and stopped from any other thread.
 
-    TLS and the gatekeeper come from coord.cfg; every service added to this
-    server goes through the gatekeeper. Idle long polls may hold at most half
-    of the max_workers threads. A port another process holds is an OSError.
+    Idle long polls are futures on that loop (no thread each); blocking work
+    runs in a pool of max_workers threads. TLS and the gatekeeper come from
+    coord.cfg; every service added goes through the gatekeeper.
     """
-    cfg = coord.cfg
-    options = [(k, cfg.max_message_bytes if k == "grpc.max_receive_message_length" else v)
-               for k, v in CHANNEL_OPTIONS]
-    # gRPC sets SO_REUSEPORT by default: a second server on a held port would start and take half the devices.
-    options.append(("grpc.so_reuseport", 0))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-                         options=options, maximum_concurrent_rpcs=max_workers * 4,
-                         interceptors=[gatekeeper_for(cfg)])
-    pbg.add_FederationServicer_to_server(FederationService(coord, max_workers // 2), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    creds = server_credentials(cfg)
-    if creds is None:
-        log.warning("serving PLAINTEXT gRPC on %s (insecure = true): no TLS, and any caller may claim any "
-                    "device id", listen)
-    port = _bind(server, listen, creds)
-    for name in ("", "fedtune.v1.Federation"):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+
+    def __init__(self, coord: Coordinator, listen: str, max_workers: int) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
+        self._thread.start()
+        self.pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc")
+        self.health = health.aio.HealthServicer()
+        try:
+            self.server, self.port = self._call(self._build(coord, listen))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def _build(self, coord: Coordinator, listen: str) -> tuple[grpc.aio.Server, int]:
+        cfg = coord.cfg
+        options = [(k, cfg.max_message_bytes if k == "grpc.max_receive_message_length" else v)
+                   for k, v in CHANNEL_OPTIONS]
+        # gRPC sets SO_REUSEPORT by default: a second server on a held port would start and take half the devices.
+        options.append(("grpc.so_reuseport", 0))
+        # gRPC core queues calls the Python server has not picked up yet and sheds them (the caller sees
+        # CANCELLED) beyond 1,000 to 3,000 of them or after 30 s in the queue: a fleet joining at once is a
+        # longer queue than that, and its devices wait JOIN_TIMEOUT_S for their Join. The bound that matters
+        # is max_rpcs.
+        backlog = cfg.max_rpcs or 1_000_000
+        options += [("grpc.server.max_pending_requests", backlog),
+                    ("grpc.server.max_pending_requests_hard_limit", backlog),
+                    ("grpc.server_max_unrequested_time_in_server", int(JOIN_TIMEOUT_S))]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_rpcs or None,
+                                 interceptors=[gatekeeper_for(cfg)])
+        pbg.add_FederationServicer_to_server(FederationService(coord, self.pool), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        creds = server_credentials(cfg)
+        if creds is None:
+            log.warning("serving PLAINTEXT gRPC on %s (insecure = true): no TLS, and any caller may claim any "
+                        "device id", listen)
+        port = _bind(server, listen, creds)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return server, port
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", "fedtune.v1.Federation"):
+            await self.health.set(name, status)
+
+    def start(self) -> None:
+        self._call(self.server.start())
+
+    def not_serving(self) -> None:
+        """Health checks answer NOT_SERVING (the run is over, stopped or failed); calls are still answered."""
+        self._call(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+
+    def stop(self, grace: float | None) -> None:
+        """Stop serving: calls in flight get `grace` seconds to finish; then the loop and its thread end."""
+        if not self.loop.is_closed():
+            try:
+                self._call(self._stop(grace))
+            finally:
+                self._close_loop()
+
+    async def _stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def make_server(coord: Coordinator, listen: str, max_workers: int) -> RpcServer:
+    """A ready (not yet started) server bound to listen; its port is `.port`. A port another process holds is
+    an OSError."""
+    return RpcServer(coord, listen, max_workers)
 
 
 def _bind(server: grpc.Server, listen: str, creds: grpc.ServerCredentials | None) -> int:

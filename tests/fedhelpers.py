@@ -15,7 +15,7 @@ from fedserver.app import build_coordinator
 from fedserver.certs import Authority, write_cert, write_key
 from fedserver.config import ServerConfig
 from fedserver.rounds import Coordinator
-from fedserver.service import make_server
+from fedserver.service import RpcServer, make_server
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 
@@ -79,7 +79,7 @@ def tiny_server_config(out: Path, fleet: Fleet | None = None, **over) -> ServerC
 @dataclass
 class RunningServer:
     coord: Coordinator
-    server: grpc.Server
+    server: RpcServer
     port: int
     thread: threading.Thread
     fleet: Fleet | None = None
@@ -111,14 +111,14 @@ def fleet_of(cfg: ServerConfig) -> Fleet | None:
     return None if cfg.insecure or cfg.tls_ca is None else _FLEETS[Path(cfg.tls_ca)]
 
 
-def start_server(cfg: ServerConfig, port: int = 0, clock: Clock = SYSTEM) -> RunningServer:
+def start_server(cfg: ServerConfig, port: int = 0, clock: Clock = SYSTEM, max_workers: int = 16) -> RunningServer:
     """A server in this process; `clock` (fedcore.clock.manual_clock) lets a test pass deadlines at once."""
     coord = build_coordinator(cfg, clock=clock)
-    server, bound, _ = make_server(coord, f"127.0.0.1:{port}", 16)
+    server = make_server(coord, f"127.0.0.1:{port}", max_workers)
     server.start()
     t = threading.Thread(target=coord.run, daemon=True)
     t.start()
-    return RunningServer(coord, server, bound, t, fleet_of(cfg))
+    return RunningServer(coord, server, server.port, t, fleet_of(cfg))
 
 
 def start_daemon(address: str, device_id: str, log: Path, *extra: str, fleet: Fleet | None = None

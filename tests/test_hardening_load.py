@@ -27,7 +27,8 @@ MAX_WORKERS = 8
 
 def test_config_a_port_in_use_is_refused_with_one_line(tmp_path):
     coord = build_coordinator(tiny_server_config(tmp_path / "srv", insecure=True, eval_size=0))
-    first, port, _ = make_server(coord, "127.0.0.1:0", 4)
+    first = make_server(coord, "127.0.0.1:0", 4)
+    port = first.port
     first.start()
     try:
         # Another fedserver on the port: no second listener sharing it through SO_REUSEPORT.
@@ -94,7 +95,8 @@ def test_load_an_upload_wins_over_a_flood_of_idle_polls(tmp_path):
     cfg = tiny_server_config(tmp_path / "srv", insecure=True, eval_size=0, poll_seconds=3, round_deadline_s=600,
                              local_steps=2)
     coord = build_coordinator(cfg)
-    server, port, _ = make_server(coord, "127.0.0.1:0", MAX_WORKERS)
+    server = make_server(coord, "127.0.0.1:0", MAX_WORKERS)
+    port = server.port
     server.start()
     loop = threading.Thread(target=coord.run, daemon=True)
     loop.start()

@@ -84,7 +84,7 @@ def test_device_figures_come_from_the_record_or_its_extra_map_and_never_default_
 
 def _snapshot(records: list[dict]) -> dict:
     return {"rounds_completed_here": 1, "round": 1, "rounds_completed": 1, "rounds_total": 2, "round_open": False,
-            "devices_connected": 2, "devices_known": 2, "bytes_total": {"down": 100, "up": 80},
+            "devices_connected": 2, "devices_known": 2, "polls_waiting": 1, "bytes_total": {"down": 100, "up": 80},
             "transfers_in_flight": {"down": 0, "up": 1}, "participants": [],
             "last_round": {"round": 1, "t_comm_s": 2.0, "t_comp_s": 1.0, "g": 0.5, "bytes_down": 100,
                            "bytes_up": 80},

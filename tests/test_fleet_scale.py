@@ -1,0 +1,87 @@
+"""Issue 19: an idle poll costs no thread, so a sampled device among many idle pollers gets its task at once."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+
+import grpc
+
+from fedtune.v1 import fedtune_pb2 as pb
+from fedserver.metrics import server_registry
+from fedserver.rounds import sample_devices
+from fedtune.v1 import fedtune_pb2_grpc as pbg
+
+from fedhelpers import start_server, tiny_server_config
+
+POLLERS = 300
+THREADS = 2  # far fewer server threads than waiting polls
+
+
+def _wait_for(what: str, cond, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_sampled_device_among_many_idle_pollers_gets_its_task_from_the_poll_it_is_in(tmp_path):
+    # The round opens only when the last device joins, once every other device is in a long poll.
+    cfg = tiny_server_config(tmp_path / "srv", insecure=True, eval_size=0, devices_per_round=5, min_updates=1,
+                             min_devices=POLLERS + 1, poll_seconds=300, liveness_s=600, round_deadline_s=600,
+                             rate_limit_rps=0, max_workers=THREADS)
+    srv = start_server(cfg, max_workers=THREADS)
+    channels = [grpc.insecure_channel(srv.address) for _ in range(6)]
+    try:
+        stubs = [pbg.FederationStub(c) for c in channels]
+        sessions = {}
+        for i in range(POLLERS):
+            dev = f"dev-{i:04d}"
+            sessions[dev] = stubs[i % len(stubs)].Join(pb.JoinRequest(device_id=dev, num_samples=8),
+                                                       timeout=30).session_id
+        polls = {dev: stubs[i % len(stubs)].GetTask.future(pb.TaskRequest(device_id=dev, session_id=sid),
+                                                            timeout=600)
+                 for i, (dev, sid) in enumerate(sessions.items())}
+        _wait_for("every poll to wait at the server", lambda: len(srv.coord.wakeups) == POLLERS, 60)
+        assert not any(f.done() for f in polls.values()), "an idle poll was answered before there was news"
+        assert f"fedtune_server_polls_waiting {POLLERS}" in server_registry(srv.coord).render()
+
+        last = f"dev-{POLLERS:04d}"
+        t0 = time.monotonic()
+        stubs[0].Join(pb.JoinRequest(device_id=last, num_samples=8), timeout=30)
+        _wait_for("round 1 to open", lambda: srv.coord.current is not None, 60)
+        sampled = set(srv.coord.current.assignments) - {last}
+        assert sampled, "the seeded sample holds pollers"
+        got = {dev: polls[dev].result(timeout=60) for dev in sorted(sampled)}
+        handed_s = time.monotonic() - t0  # printed, never asserted on
+        assert {d: t.kind for d, t in got.items()} == {d: pb.Task.TRAIN for d in sampled}
+        assert all(t.task_id == srv.coord.current.assignments[d].task_id for d, t in got.items())
+        # The others are still waiting in the same calls: nobody was sent away to make room.
+        idle = [f for d, f in polls.items() if d not in sampled]
+        assert not any(f.done() for f in idle)
+        assert len(srv.coord.wakeups) == POLLERS - len(sampled)
+        print(f"\n{len(sampled)} sampled among {POLLERS} pollers on {THREADS} threads: tasks in {handed_s:.3f} s "
+              f"after the last join")
+        for f in idle:
+            f.cancel()
+    finally:
+        srv.close()
+        for c in channels:
+            c.close()
+
+
+def test_sampling_over_a_large_fleet_is_uniform_seeded_and_order_free():
+    fleet = [f"dev-{i:05d}" for i in range(10_000)]
+    rounds, k = 1000, 30
+    counts = Counter(d for n in range(1, rounds + 1) for d in sample_devices(fleet, k, seed=0, number=n, attempt=1))
+    expected = rounds * k / len(fleet)  # 3 picks per device
+    chi2 = sum((counts.get(d, 0) - expected) ** 2 / expected for d in fleet)
+    # 9,999 degrees of freedom: mean 9,999, sd about 141; 6 sd either side is far outside chance.
+    assert abs(chi2 - (len(fleet) - 1)) < 6 * math.sqrt(2 * (len(fleet) - 1)), chi2
+    assert all(len(set(sample_devices(fleet, k, 0, n, 1))) == k for n in range(1, 50))
+    shuffled = random.Random(1).sample(fleet, len(fleet))
+    assert sample_devices(shuffled, k, 0, 7, 1) == sample_devices(fleet, k, 0, 7, 1)
+    assert sample_devices(fleet, k, 0, 7, 1) != sample_devices(fleet, k, 0, 7, 2)  # a retried round draws again
+    assert sample_devices(fleet, k, 1, 7, 1) != sample_devices(fleet, k, 0, 7, 1)
+    assert sample_devices(fleet[:3], k, 0, 1, 1) == fleet[:3]
