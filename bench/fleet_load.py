@@ -2,7 +2,8 @@
 
     python -m bench.fleet_load --devices 100,1000,10000 --rounds 2 [--procs 4] [--devices-per-channel 50]
                                [--devices-per-round 10] [--round-deadline-s 30] [--timeout-s 300]
-                               [--server-arg=--max-workers=64 ...] [--server-logs DIR] [--json]
+                               [--server-arg=--max-workers=64 ...] [--server-logs DIR]
+                               [--server-cpus 0 --device-cpus 1] [--json]
 
 For each N: one `fedserver run` process (tiny preset, plaintext on
 127.0.0.1, a temporary run directory), and N devices spread over a few
@@ -70,6 +71,8 @@ class FleetSettings:
     min_frac: float = 1.0          # share of the fleet that must be connected before round 1 starts
     timeout_s: float = 0.0         # 0: derived from the settings
     server_args: list[str] = field(default_factory=list)
+    server_cpus: tuple[int, ...] = ()  # CPUs the server may run on (empty: any)
+    device_cpus: tuple[int, ...] = ()  # CPUs the devices' processes may run on (empty: any)
 
     def limit_s(self) -> float:
         if self.timeout_s:
@@ -275,6 +278,8 @@ async def _fleet_part(target: str, ids: list[str], s: FleetSettings, stop_at: fl
 def _worker(target: str, ids: list[str], s: FleetSettings, stop_at: float, q: Any) -> None:
     """A process of devices; puts its counts on q."""
     raise_fd_limit()
+    if s.device_cpus:
+        os.sched_setaffinity(0, s.device_cpus)
     try:
         out = asyncio.run(_fleet_part(target, ids, s, stop_at))
     except BaseException as exc:  # report, never leave the parent waiting
@@ -377,8 +382,10 @@ def run_fleet(s: FleetSettings, workdir: Path | None = None, keep_log: Path | No
         log_path = Path(tmp) / "server.log"
         port = _free_port()
         with open(log_path, "w") as log_f:
+            # Pinned before exec, so every thread the server starts inherits the CPUs.
+            pin = (lambda: os.sched_setaffinity(0, s.server_cpus)) if s.server_cpus else None
             server = subprocess.Popen(server_argv(s, port, out), stdout=log_f, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=pin)
         sampler = _Sampler(server.pid)
         sampler.start()
         # Devices start once the server listens: refusals while it imports torch are not load.
@@ -520,6 +527,15 @@ def table(results: list[FleetResult]) -> str:
     return "\n".join(rows)
 
 
+def _cpus(text: str) -> tuple[int, ...]:
+    """'0,2-3' -> (0, 2, 3)."""
+    out: list[int] = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return tuple(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.fleet_load", description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", default="100,1000,10000", help="fleet sizes, comma-separated (first is the reference)")
@@ -534,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout-s", type=float, default=0.0, help="per fleet (0: from the settings)")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra `fedserver run` argument, e.g. --server-arg=--max-workers=128 (repeatable)")
+    ap.add_argument("--server-cpus", default="", help="CPUs for the server, e.g. 0 (default: any)")
+    ap.add_argument("--device-cpus", default="", help="CPUs for the devices' processes, e.g. 1 (default: any)")
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     ap.add_argument("--server-logs", type=Path, default=None,
                     help="keep each server's log in this directory as server-N.log")
@@ -545,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         s = FleetSettings(devices=n, rounds=a.rounds, devices_per_round=a.devices_per_round,
                           round_deadline_s=a.round_deadline_s, poll_seconds=a.poll_seconds, procs=a.procs,
                           devices_per_channel=a.devices_per_channel, min_frac=a.min_frac, timeout_s=a.timeout_s,
-                          server_args=a.server_arg)
+                          server_args=a.server_arg, server_cpus=_cpus(a.server_cpus),
+                          device_cpus=_cpus(a.device_cpus))
         print(f"N={n}: running (limit {s.limit_s():.0f} s) ...", file=sys.stderr, flush=True)
         results.append(run_fleet(s, keep_log=a.server_logs / f"server-{n}.log" if a.server_logs else None))
         print(table(results), flush=True)

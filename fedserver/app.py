@@ -119,7 +119,7 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
         # A stop is not the end of the run: devices keep reconnecting until a restarted server resumes it.
         log.warning("signal %d: stopping after the current step; a restart resumes from the last checkpoint",
                     signum)
-        server.not_serving()
+        server.not_serving(wait=False)
         notifier.stopping(f"signal {signum}: stopping after the current step")
         coord.stop()
 

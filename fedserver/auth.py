@@ -19,6 +19,7 @@ Handlers may therefore trust ``request.device_id``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -320,8 +321,10 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
             async def unary_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 ident, req = await opened(raw, context)
                 try:
-                    async for msg in inner_us(req, context):
-                        yield msg
+                    # Closed here, not by the garbage collector: its finally blocks run when the call ends.
+                    async with contextlib.aclosing(inner_us(req, context)) as messages:
+                        async for msg in messages:
+                            yield msg
                 finally:
                     self.close_stream(ident)
 

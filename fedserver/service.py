@@ -65,6 +65,26 @@ async def _take(lock: threading.Lock, timeout: float) -> bool:
     return True
 
 
+async def _settle(fut: asyncio.Future) -> None:
+    """Wait until pool work is done, through any further cancellations (the caller re-raises the first);
+    its error, if any, is the caller's to ignore: retrieved here so that it is not logged as lost."""
+    while not fut.done():
+        try:
+            await asyncio.wait([fut])
+        except asyncio.CancelledError:
+            continue
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """loop.call_soon_threadsafe from any thread; nothing once the server's loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the server stopped: nobody is waiting any more
+        pass
+
+
 def _resolve(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -89,10 +109,7 @@ class _Ahead:
 
     async def close(self) -> None:
         """Wait for work in flight, so the generator is never left running in a thread (a cancelled call)."""
-        if not self._fut.done():
-            await asyncio.wait([self._fut])
-        elif not self._fut.cancelled():
-            self._fut.exception()  # retrieved: an error of the chunk after a cancelled send is not logged
+        await _settle(self._fut)
 
 
 class _Stream:
@@ -106,21 +123,25 @@ class _Stream:
     def cancel(self) -> None:
         """From any thread (the intake calls it in the pool): the older stream stops at its next await and
         says why."""
+        if self.replaced:
+            return  # one cancellation: a second would cut short the older stream's wait for its pool work
         self.replaced = True
         if self.task is not None:
-            self.loop.call_soon_threadsafe(self.task.cancel)
+            _call_soon(self.loop, self.task.cancel)
 
 
 class FederationService(pbg.FederationServicer):
     """The handlers run on the server's event loop: a poll waiting for work is a future, not a thread.
 
     Calls that only take the coordinator's lock for a short critical section
-    (join, poll, upload status, metrics) run on the loop: handing each to a
-    thread costs more than the call, and dozens of threads contending for
-    the lock and the GIL during a fleet's join storm cost far more (measured:
-    see docs/explanation/fleet-scale.md). Work that blocks or computes
-    (opening and finishing an upload, encoding and verifying chunks, the
-    status snapshot) runs in the thread pool via `_blocking`.
+    (join, poll, upload status, metrics) run on the loop when the lock is
+    free (`_quick`): handing each to a thread costs more than the call, and
+    dozens of threads contending for the lock and the GIL during a fleet's
+    join storm cost far more (docs/explanation/fleet-scale.md). When the lock
+    is held (a round opening, a model being committed) they wait in the pool,
+    never on the loop. Work that blocks or computes (opening and finishing an
+    upload, encoding and verifying chunks, the status snapshot) runs in the
+    pool via `_blocking`.
     """
 
     def __init__(self, coord: Coordinator, pool: futures.ThreadPoolExecutor) -> None:
@@ -134,8 +155,19 @@ class FederationService(pbg.FederationServicer):
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            await asyncio.wait([fut])
+            await _settle(fut)
             raise
+
+    async def _quick(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args), a call that takes the coordinator's lock briefly: on the loop when the lock is free,
+        else in the pool, so a long holder (a round opening, a model committed) never stalls the loop."""
+        lock = self.coord.lock
+        if lock.acquire(blocking=False):
+            try:
+                return fn(*args)  # the lock is reentrant: fn takes it again without waiting
+            finally:
+                lock.release()
+        return await self._blocking(fn, *args)
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         await _check_device(request.device_id, context)
@@ -153,7 +185,7 @@ class FederationService(pbg.FederationServicer):
                                "upload_bytes": b.upload_bytes, "head_fraction": b.head_fraction,
                                "memory_source": b.memory_source[:32]}
         try:
-            dev = self.coord.join(request.device_id, request.num_samples, info)
+            dev = await self._quick(self.coord.join, request.device_id, request.num_samples, info)
         except RoundError as exc:
             await _abort(context, exc)
         return pb.JoinReply(session_id=dev.session_id, model_preset=self.coord.model_preset,
@@ -173,11 +205,11 @@ class FederationService(pbg.FederationServicer):
         wakeups = self.coord.wakeups
         while True:
             woken = loop.create_future()
-            wake = functools.partial(loop.call_soon_threadsafe, _resolve, woken)
+            wake = functools.partial(_call_soon, loop, _resolve, woken)
             # Watched before asking, so a round opening between the two is not missed.
             wakeups.watch(request.device_id, wake)
             try:
-                task = self.coord.poll_task(request.device_id, request.session_id)
+                task = await self._quick(self.coord.poll_task, request.device_id, request.session_id)
                 if task is not None:
                     return task
                 left = end - loop.time()
@@ -353,7 +385,8 @@ class FederationService(pbg.FederationServicer):
                            context: grpc.aio.ServicerContext) -> pb.UploadStatusReply:
         await _check_device(request.device_id, context)
         try:
-            known, nxt, complete = self.coord.upload_status(request.device_id, request.session_id, request.task_id)
+            known, nxt, complete = await self._quick(self.coord.upload_status, request.device_id,
+                                                     request.session_id, request.task_id)
         except RoundError as exc:
             await _abort(context, exc)
         reply = pb.UploadStatusReply(known=known, complete=complete)
@@ -388,7 +421,7 @@ class FederationService(pbg.FederationServicer):
             "extra": dict(request.extra), "power_source": request.power_source, "hardware": request.hardware,
         }
         try:
-            self.coord.report_metrics(request.device_id, request.session_id, m)
+            await self._quick(self.coord.report_metrics, request.device_id, request.session_id, m)
         except RoundError as exc:
             await _abort(context, exc)
         return pb.MetricsAck()
@@ -427,8 +460,8 @@ class RpcServer:
             self._close_loop()
             raise
 
-    def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def _call(self, coro: Any, timeout: float | None = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _build(self, coord: Coordinator, listen: str) -> tuple[grpc.aio.Server, int]:
         cfg = coord.cfg
@@ -463,9 +496,13 @@ class RpcServer:
     def start(self) -> None:
         self._call(self.server.start())
 
-    def not_serving(self) -> None:
-        """Health checks answer NOT_SERVING (the run is over, stopped or failed); calls are still answered."""
-        self._call(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+    def not_serving(self, wait: bool = True) -> None:
+        """Health checks answer NOT_SERVING (the run is over, stopped or failed); calls are still answered.
+        wait=False from a signal handler: the loop may be waiting for a lock the interrupted thread holds."""
+        fut = asyncio.run_coroutine_threadsafe(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING),
+                                               self.loop)
+        if wait:
+            fut.result()
 
     def stop(self, grace: float | None) -> None:
         """Stop serving: calls in flight get `grace` seconds to finish; then the loop and its thread end."""
@@ -478,6 +515,13 @@ class RpcServer:
     async def _stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        # Whatever is left (a handler waiting for pool work) ends here, its finally blocks run, before
+        # the loop closes.
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+        await asyncio.get_running_loop().shutdown_asyncgens()
 
     def _close_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -16,7 +16,8 @@ Wake = Callable[[], None]
 
 class Wakeups:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a signal handler's stop() wakes everyone, and may interrupt a wake on the same thread.
+        self._lock = threading.RLock()
         self._by_device: dict[str, list[Wake]] = {}
 
     def watch(self, device_id: str, wake: Wake) -> None:

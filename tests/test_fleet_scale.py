@@ -1,16 +1,23 @@
 """Issue 19: an idle poll costs no thread, so a sampled device among many idle pollers gets its task at once."""
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedtune.v1 import fedtune_pb2 as pb
 from fedserver.metrics import server_registry
 from fedserver.rounds import sample_devices
+from fedserver.service import FederationService
+from fedserver.wakeups import Wakeups
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 from fedhelpers import start_server, tiny_server_config
@@ -85,3 +92,68 @@ def test_sampling_over_a_large_fleet_is_uniform_seeded_and_order_free():
     assert sample_devices(fleet, k, 0, 7, 1) != sample_devices(fleet, k, 0, 7, 2)  # a retried round draws again
     assert sample_devices(fleet, k, 1, 7, 1) != sample_devices(fleet, k, 0, 7, 1)
     assert sample_devices(fleet[:3], k, 0, 1, 1) == fleet[:3]
+
+
+def test_a_long_coordinator_lock_holder_never_stalls_the_event_loop(tmp_path):
+    """Polls wait for the lock in the pool; health checks and other calls go on meanwhile."""
+    cfg = tiny_server_config(tmp_path / "srv", insecure=True, eval_size=0, devices_per_round=2, poll_seconds=300,
+                             liveness_s=600, rate_limit_rps=0)
+    srv = start_server(cfg, max_workers=2)
+    channel = grpc.insecure_channel(srv.address)
+    try:
+        stub = pbg.FederationStub(channel)
+        sid = stub.Join(pb.JoinRequest(device_id="dev-a", num_samples=8), timeout=30).session_id
+        with srv.coord.lock:  # as a round opening or a model being committed holds it
+            poll = stub.GetTask.future(pb.TaskRequest(device_id="dev-a", session_id=sid), timeout=600)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert not poll.done()
+        _wait_for("the poll to wait at the server", lambda: len(srv.coord.wakeups) == 1, 60)
+        poll.cancel()
+    finally:
+        srv.close()
+        channel.close()
+
+
+def test_wakeups_may_be_reentered_from_the_same_thread():
+    """A signal handler's stop() wakes everyone, possibly while the round loop's thread is inside a wake."""
+    w = Wakeups()
+    seen = []
+    w.watch("a", lambda: seen.append("a"))
+    with w._lock:  # the interrupted wake() holds it
+        assert w._lock.acquire(timeout=5), "stop() from a signal handler would deadlock here"
+        w._lock.release()
+        w.wake_all()
+    assert seen == ["a"]
+
+
+def test_a_call_cancelled_twice_still_waits_for_its_pool_work():
+    """An upload's receiver is never touched by two threads: the handler's finally runs after the pool work."""
+    pool = ThreadPoolExecutor(1)
+    service = FederationService(None, pool)  # type: ignore[arg-type]
+    release, order = threading.Event(), []
+
+    def work() -> None:
+        release.wait(30)
+        order.append("pool work done")
+
+    async def handler() -> None:
+        try:
+            await service._blocking(work)
+        finally:
+            order.append("handler finally")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(handler())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()  # a second cancellation, e.g. gRPC core ending the dead connection's call
+        await asyncio.sleep(0.05)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    pool.shutdown()
+    assert order == ["pool work done", "handler finally"]
