@@ -141,7 +141,7 @@ def serve(cfg: ServerConfig, on_round: Callable[[dict[str, Any]], None] | None =
         server.not_serving()
         if coord.finished:
             notifier.stopping(f"finished after round {coord.round_no}; telling devices")
-            # Devices learn of the end at their next poll; give them one poll period.
+            # Waiting polls learn of the end at once; a device between polls at its next one: one poll period.
             _drain(coord, cfg.poll_seconds + 2.0, watchdog.beat)
         else:
             # Polls are answered UNAVAILABLE: the devices back off and come back to the restarted server.

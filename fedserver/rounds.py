@@ -67,7 +67,7 @@ def sample_devices(alive: list[str], k: int, seed: int, number: int, attempt: in
 
 
 class Coordinator:
-    """Runs the rounds; fedserver.service calls the public methods from gRPC threads."""
+    """Runs the rounds; fedserver.service calls the public methods from its event loop and its thread pool."""
 
     def __init__(self, cfg: ServerConfig, state: Mapping[str, torch.Tensor], strategy: ServerStrategy,
                  evaluator: Evaluator | None = None, model_preset: str = "", model_config_json: str = "",
