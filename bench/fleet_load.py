@@ -3,7 +3,7 @@
     python -m bench.fleet_load --devices 100,1000,10000 --rounds 2 [--procs 4] [--devices-per-channel 1]
                                [--devices-per-round 10] [--round-deadline-s 30] [--timeout-s 300]
                                [--server-arg=--max-workers=64 ...] [--server-logs DIR]
-                               [--server-cpus 0 --device-cpus 1] [--json]
+                               [--server-cpus 0 --device-cpus 1] [--no-floor] [--json]
 
 For each N: one `fedserver run` process (tiny preset, plaintext on
 127.0.0.1, a temporary run directory), and N devices spread over a few
@@ -29,11 +29,15 @@ sampled (fleet connected, no transfer yet); KB and ms per idle device are
 (this row - first row) / (extra joined devices).
 
 Each device has a connection of its own by default, as in a real fleet: a
-connection costs the server memory of its own (about 20 KB in gRPC core,
-measured with --devices-per-channel 50 against 1). Sharing connections
-(--devices-per-channel N) measures the per-call cost alone; a plaintext
-server knows a caller only by its peer address, so its per-device rate and
-stream limits then apply per connection.
+connection costs the server memory of its own in gRPC core. Sharing
+connections (--devices-per-channel N) leaves the per-call cost alone; a
+plaintext server knows a caller only by its peer address, so its per-device
+rate and stream limits then apply per connection.
+
+Last, unless --no-floor, bench.grpc_floor measures a bare grpc.aio server
+built with the same options at the first and last N, and one line sets
+fedserver's KB per idle device beside that floor: what fedserver adds, and
+what gRPC itself costs.
 """
 from __future__ import annotations
 
@@ -45,7 +49,6 @@ import multiprocessing as mp
 import os
 import random
 import re
-import resource
 import signal
 import socket
 import subprocess
@@ -57,6 +60,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench._procs import raise_fd_limit
+from bench.grpc_floor import FloorResult
+from bench.grpc_floor import measure as measure_floor
+from bench.grpc_floor import slope_kb as floor_slope_kb
 
 SAMPLED = re.compile(r"round (\d+): sampled (.*?); policy")
 
@@ -115,18 +123,6 @@ class FleetResult:
 
 
 # ------------------------------------------------------------------ devices
-
-def raise_fd_limit() -> int:
-    """Soft RLIMIT_NOFILE up to the hard limit: thousands of streams and sockets need more than 1024."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError):
-            return soft
-    return want
-
 
 def _code(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
@@ -530,6 +526,24 @@ def table(results: list[FleetResult]) -> str:
     return "\n".join(rows)
 
 
+def idle_kb(results: list[FleetResult]) -> float:
+    """The server's KB per idle device between the first and last fleet (idle RSS, per extra joined device)."""
+    ref, r = results[0], results[-1]
+    if r.joined <= ref.joined:
+        return math.nan
+    return (r.server_idle_rss_mb - ref.server_idle_rss_mb) * 1024 / (r.joined - ref.joined)
+
+
+def floor_line(results: list[FleetResult], floors: list[FloorResult]) -> str:
+    """fedserver's memory per idle device beside a bare grpc.aio server's, between the same two fleet sizes."""
+    ours, floor = idle_kb(results), floor_slope_kb(floors[0], floors[-1])
+    return (f"memory per idle device, N={results[0].devices} to {results[-1].devices}: fedserver {ours:.1f} KB; "
+            f"a bare grpc.aio server with the same options (bench.grpc_floor) {floor:.1f} KB "
+            f"(connection {floors[-1].conn_kb:.1f} + waiting call {floors[-1].call_kb:.1f} at N={floors[-1].devices}); "
+            f"fedserver above that floor: {ours - floor:.1f} KB"
+            + "".join(f"; floor N={f.devices}: {'; '.join(f.notes)}" for f in floors if f.notes))
+
+
 def _cpus(text: str) -> tuple[int, ...]:
     """'0,2-3' -> (0, 2, 3)."""
     out: list[int] = []
@@ -558,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="also print the results as JSON")
     ap.add_argument("--server-logs", type=Path, default=None,
                     help="keep each server's log in this directory as server-N.log")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure a bare grpc.aio server (bench.grpc_floor) at the first and last N, and "
+                         "print fedserver's memory per idle device above that floor")
     a = ap.parse_args(argv)
     if a.server_logs is not None:
         a.server_logs.mkdir(parents=True, exist_ok=True)
@@ -571,8 +588,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"N={n}: running (limit {s.limit_s():.0f} s) ...", file=sys.stderr, flush=True)
         results.append(run_fleet(s, keep_log=a.server_logs / f"server-{n}.log" if a.server_logs else None))
         print(table(results), flush=True)
+    floors: list[FloorResult] = []
+    if a.floor and len(results) > 1:
+        for n in (results[0].devices, results[-1].devices):
+            print(f"N={n}: the bare grpc.aio floor ...", file=sys.stderr, flush=True)
+            floors.append(measure_floor(n, procs=a.procs, per_channel=a.devices_per_channel))
+        print(floor_line(results, floors), flush=True)
     if a.json:
-        print(json.dumps([asdict(r) for r in results], indent=1, default=str))
+        print(json.dumps({"fleets": [asdict(r) for r in results], "floor": [asdict(f) for f in floors]},
+                         indent=1, default=str))
     return 0
 
 

@@ -22,6 +22,7 @@ from fedtune.v1 import fedtune_pb2 as pb
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
 from .auth import DEVICE_ID, gatekeeper_for, server_credentials
+from .config import ServerConfig
 from .rounds import Coordinator, RoundError, UpdateRefused, UploadSession
 from .status import device_page, status_message
 
@@ -440,6 +441,23 @@ class FederationService(pbg.FederationServicer):
         return status_message(coord.snapshot(), *page)
 
 
+def server_options(cfg: ServerConfig) -> list[tuple[str, Any]]:
+    """The gRPC core options the server is built with (bench.grpc_floor builds a bare server with the same)."""
+    options: list[tuple[str, Any]] = [(k, cfg.max_message_bytes if k == "grpc.max_receive_message_length" else v)
+                                      for k, v in CHANNEL_OPTIONS]
+    # gRPC sets SO_REUSEPORT by default: a second server on a held port would start and take half the devices.
+    options.append(("grpc.so_reuseport", 0))
+    # gRPC core queues calls the Python server has not picked up yet and sheds them (the caller sees
+    # CANCELLED) beyond 1,000 to 3,000 of them or after 30 s in the queue: a fleet joining at once is a
+    # longer queue than that, and its devices wait JOIN_TIMEOUT_S for their Join. The bound that matters
+    # is max_rpcs.
+    backlog = cfg.max_rpcs or 1_000_000
+    options += [("grpc.server.max_pending_requests", backlog),
+                ("grpc.server.max_pending_requests_hard_limit", backlog),
+                ("grpc.server_max_unrequested_time_in_server", int(JOIN_TIMEOUT_S))]
+    return options
+
+
 class RpcServer:
     """The grpc.aio server, on an event loop of its own thread, started and stopped from any other thread.
 
@@ -465,19 +483,7 @@ class RpcServer:
 
     async def _build(self, coord: Coordinator, listen: str) -> tuple[grpc.aio.Server, int]:
         cfg = coord.cfg
-        options = [(k, cfg.max_message_bytes if k == "grpc.max_receive_message_length" else v)
-                   for k, v in CHANNEL_OPTIONS]
-        # gRPC sets SO_REUSEPORT by default: a second server on a held port would start and take half the devices.
-        options.append(("grpc.so_reuseport", 0))
-        # gRPC core queues calls the Python server has not picked up yet and sheds them (the caller sees
-        # CANCELLED) beyond 1,000 to 3,000 of them or after 30 s in the queue: a fleet joining at once is a
-        # longer queue than that, and its devices wait JOIN_TIMEOUT_S for their Join. The bound that matters
-        # is max_rpcs.
-        backlog = cfg.max_rpcs or 1_000_000
-        options += [("grpc.server.max_pending_requests", backlog),
-                    ("grpc.server.max_pending_requests_hard_limit", backlog),
-                    ("grpc.server_max_unrequested_time_in_server", int(JOIN_TIMEOUT_S))]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=cfg.max_rpcs or None,
+        server = grpc.aio.server(options=server_options(cfg), maximum_concurrent_rpcs=cfg.max_rpcs or None,
                                  interceptors=[gatekeeper_for(cfg)])
         pbg.add_FederationServicer_to_server(FederationService(coord, self.pool), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
