@@ -49,6 +49,8 @@ class Device:
     last_seen: float = field(default_factory=time.monotonic)
     # Measured in earlier rounds: down_Bps, up_Bps, step_s, overhead_s, bytes_down, bytes_up.
     estimates: dict[str, float] = field(default_factory=dict)
+    # Asked for work under this session: its poll is with the server, so a task reaches it at once.
+    polled: bool = False
 
 
 def journal_paths(path: Path) -> tuple[Path, Path]:

@@ -20,7 +20,7 @@ import math
 import random
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +59,17 @@ __all__ = ["Coordinator", "RoundError", "UpdateRefused", "UploadSession"]
 Evaluator = Callable[[Mapping[str, torch.Tensor]], EvalRecord]
 
 
-def sample_devices(alive: list[str], k: int, seed: int, number: int, attempt: int) -> list[str]:
-    """k of the devices, uniformly without replacement; the same run, round and attempt give the same sample
+def sample_devices(ready: list[str], k: int, seed: int, number: int, attempt: int,
+                   not_polled: Sequence[str] = ()) -> list[str]:
+    """k of the ready devices, uniformly without replacement; if fewer are ready, all of them and the rest
+    drawn from not_polled (joined, no poll yet). The same run, round and attempt give the same sample
     whatever order the devices come in (O(N log N) once a round, not per poll)."""
     rng = random.Random(f"{seed}:{number}:{attempt}")
-    return sorted(rng.sample(sorted(alive), min(k, len(alive))))
+    picked = rng.sample(sorted(ready), min(k, len(ready)))
+    if len(picked) < k and not_polled:
+        # Nothing drawn above when no device has polled: the same sample as over not_polled alone.
+        picked += rng.sample(sorted(not_polled), min(k - len(picked), len(not_polled)))
+    return sorted(picked)
 
 
 class Coordinator:
@@ -177,7 +183,7 @@ class Coordinator:
             return self._poll(device_id, session_id)
 
     def _poll(self, device_id: str, session_id: str) -> pb.Task | None:
-        self._device(device_id, session_id)
+        self._device(device_id, session_id).polled = True
         if self.finished:
             self.told_shutdown.add(device_id)
             return pb.Task(kind=pb.Task.SHUTDOWN, round=self.round_no)
@@ -416,7 +422,13 @@ class Coordinator:
         alive = self._wait_for_devices()
         if not alive:
             return False
-        sampled = sample_devices(alive, self.cfg.devices_per_round, self.cfg.seed, number, attempt)
+        # A device that joined has not necessarily polled yet: when a fleet joins at once its first poll
+        # queues behind the others' Joins, and a task for it would wait there seconds. A device that has
+        # polled is in its poll now, and the round's opening answers it.
+        with self.lock:
+            polled = {d for d in alive if self.registry.devices[d].polled}
+        sampled = sample_devices([d for d in alive if d in polled], self.cfg.devices_per_round, self.cfg.seed,
+                                 number, attempt, not_polled=[d for d in alive if d not in polled])
         now = self.clock.monotonic()
         with self.lock:
             # The registered samples as of sampling: a rejoin with a larger number cannot raise this round's weight.

@@ -20,7 +20,7 @@ from fedserver.service import FederationService
 from fedserver.wakeups import Wakeups
 from fedtune.v1 import fedtune_pb2_grpc as pbg
 
-from fedhelpers import start_server, tiny_server_config
+from fedhelpers import build_coordinator, start_server, tiny_server_config
 
 POLLERS = 300
 THREADS = 2  # far fewer server threads than waiting polls
@@ -58,8 +58,8 @@ def test_a_sampled_device_among_many_idle_pollers_gets_its_task_from_the_poll_it
         t0 = time.monotonic()
         stubs[0].Join(pb.JoinRequest(device_id=last, num_samples=8), timeout=30)
         _wait_for("round 1 to open", lambda: srv.coord.current is not None, 60)
-        sampled = set(srv.coord.current.assignments) - {last}
-        assert sampled, "the seeded sample holds pollers"
+        sampled = set(srv.coord.current.assignments)
+        assert last not in sampled, "joined but not polled yet: not sampled while enough devices have polled"
         got = {dev: polls[dev].result(timeout=60) for dev in sorted(sampled)}
         handed_s = time.monotonic() - t0  # printed, never asserted on
         assert {d: t.kind for d, t in got.items()} == {d: pb.Task.TRAIN for d in sampled}
@@ -92,6 +92,39 @@ def test_sampling_over_a_large_fleet_is_uniform_seeded_and_order_free():
     assert sample_devices(fleet, k, 0, 7, 1) != sample_devices(fleet, k, 0, 7, 2)  # a retried round draws again
     assert sample_devices(fleet, k, 1, 7, 1) != sample_devices(fleet, k, 0, 7, 1)
     assert sample_devices(fleet[:3], k, 0, 1, 1) == fleet[:3]
+
+
+def test_devices_that_have_not_polled_yet_are_sampled_only_to_fill_the_round():
+    polled = [f"p{i:03d}" for i in range(10)]
+    joined = [f"j{i:03d}" for i in range(90)]  # joined, first poll not in yet (a fleet joining at once)
+    for number in range(1, 51):
+        assert set(sample_devices(polled, 5, 0, number, 1, not_polled=joined)) <= set(polled)
+    # Fewer ready than the round needs: all of them, and the rest from those that joined.
+    got = sample_devices(polled[:2], 5, 0, 1, 1, not_polled=joined)
+    assert set(polled[:2]) <= set(got) and len(got) == 5 and len(set(got) - set(polled)) == 3
+    # No device has polled: the same sample as over the joined ones alone.
+    assert sample_devices([], 5, 0, 3, 1, not_polled=joined) == sample_devices(joined, 5, 0, 3, 1)
+
+
+def test_the_round_samples_the_devices_in_their_poll_over_those_that_just_joined(tmp_path):
+    """Coordinator level: 40 devices joined, 5 of them polled; a round of 5 samples exactly those 5."""
+    cfg = tiny_server_config(tmp_path / "srv", insecure=True, eval_size=0, devices_per_round=5, min_devices=40,
+                             poll_seconds=300, liveness_s=600, round_deadline_s=600)
+    coord = build_coordinator(cfg)
+    sessions = {f"dev-{i:02d}": coord.join(f"dev-{i:02d}", 8, {}).session_id for i in range(40)}
+    pollers = sorted(sessions)[::8]
+    for d in pollers:
+        assert coord.poll_task(d, sessions[d]) is None  # no round yet: it waits
+    thread = threading.Thread(target=coord.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for("round 1 to open", lambda: coord.current is not None, 60)
+        assert sorted(coord.current.assignments) == pollers
+        coord.join(pollers[0], 8, {})  # a rejoin is a new session: not polled under it yet
+        assert not coord.registry.devices[pollers[0]].polled
+    finally:
+        coord.stop()
+        thread.join(30)
 
 
 def test_a_long_coordinator_lock_holder_never_stalls_the_event_loop(tmp_path):
