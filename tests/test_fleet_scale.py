@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedtune.v1 import fedtune_pb2 as pb
 from fedserver.metrics import server_registry
-from fedserver.rounds import sample_devices
+from fedcore.clock import FakeClock
+from fedserver.rounds import FIRST_POLL_WAIT_S, sample_devices
 from fedserver.service import FederationService
 from fedserver.wakeups import Wakeups
 from fedtune.v1 import fedtune_pb2_grpc as pbg
@@ -34,7 +35,7 @@ def _wait_for(what: str, cond, timeout: float) -> None:
 
 
 def test_a_sampled_device_among_many_idle_pollers_gets_its_task_from_the_poll_it_is_in(tmp_path):
-    # The round opens only when the last device joins, once every other device is in a long poll.
+    # The round opens only when the last device joins and polls, once every other device is in a long poll.
     cfg = tiny_server_config(tmp_path / "srv", insecure=True, eval_size=0, devices_per_round=5, min_updates=1,
                              min_devices=POLLERS + 1, poll_seconds=300, liveness_s=600, round_deadline_s=600,
                              rate_limit_rps=0, max_workers=THREADS)
@@ -56,10 +57,10 @@ def test_a_sampled_device_among_many_idle_pollers_gets_its_task_from_the_poll_it
 
         last = f"dev-{POLLERS:04d}"
         t0 = time.monotonic()
-        stubs[0].Join(pb.JoinRequest(device_id=last, num_samples=8), timeout=30)
+        sid = stubs[0].Join(pb.JoinRequest(device_id=last, num_samples=8), timeout=30).session_id
+        polls[last] = stubs[0].GetTask.future(pb.TaskRequest(device_id=last, session_id=sid), timeout=600)
         _wait_for("round 1 to open", lambda: srv.coord.current is not None, 60)
         sampled = set(srv.coord.current.assignments)
-        assert last not in sampled, "joined but not polled yet: not sampled while enough devices have polled"
         got = {dev: polls[dev].result(timeout=60) for dev in sorted(sampled)}
         handed_s = time.monotonic() - t0  # printed, never asserted on
         assert {d: t.kind for d, t in got.items()} == {d: pb.Task.TRAIN for d in sampled}
@@ -67,7 +68,7 @@ def test_a_sampled_device_among_many_idle_pollers_gets_its_task_from_the_poll_it
         # The others are still waiting in the same calls: nobody was sent away to make room.
         idle = [f for d, f in polls.items() if d not in sampled]
         assert not any(f.done() for f in idle)
-        assert len(srv.coord.wakeups) == POLLERS - len(sampled)
+        assert len(srv.coord.wakeups) == POLLERS + 1 - len(sampled)
         print(f"\n{len(sampled)} sampled among {POLLERS} pollers on {THREADS} threads: tasks in {handed_s:.3f} s "
               f"after the last join")
         for f in idle:
@@ -106,18 +107,48 @@ def test_devices_that_have_not_polled_yet_are_sampled_only_to_fill_the_round():
     assert sample_devices([], 5, 0, 3, 1, not_polled=joined) == sample_devices(joined, 5, 0, 3, 1)
 
 
-def test_the_round_samples_the_devices_in_their_poll_over_those_that_just_joined(tmp_path):
-    """Coordinator level: 40 devices joined, 5 of them polled; a round of 5 samples exactly those 5."""
-    cfg = tiny_server_config(tmp_path / "srv", insecure=True, eval_size=0, devices_per_round=5, min_devices=40,
+def _joined_coordinator(tmp_path, n: int):
+    cfg = tiny_server_config(tmp_path / "srv", insecure=True, eval_size=0, devices_per_round=5, min_devices=n,
                              poll_seconds=300, liveness_s=600, round_deadline_s=600)
-    coord = build_coordinator(cfg)
-    sessions = {f"dev-{i:02d}": coord.join(f"dev-{i:02d}", 8, {}).session_id for i in range(40)}
-    pollers = sorted(sessions)[::8]
-    for d in pollers:
-        assert coord.poll_task(d, sessions[d]) is None  # no round yet: it waits
+    clock = FakeClock(step=None)  # time moves only when the test says
+    coord = build_coordinator(cfg, clock=clock)
+    coord.beats = threading.Semaphore(0)
+    coord.heartbeat = coord.beats.release  # one a turn of the round loop
+    sessions = {f"dev-{i:02d}": coord.join(f"dev-{i:02d}", 8, {}).session_id for i in range(n)}
     thread = threading.Thread(target=coord.run, daemon=True)
     thread.start()
+    return coord, clock, sessions, thread
+
+
+def test_a_round_waits_for_first_polls_and_then_samples_as_the_seed_says(tmp_path):
+    """Every device joined; the round waits for the stragglers' first polls, then samples over all of them."""
+    coord, clock, sessions, thread = _joined_coordinator(tmp_path, 40)
     try:
+        for d in sorted(sessions)[:30]:
+            assert coord.poll_task(d, sessions[d]) is None
+        clock.advance(FIRST_POLL_WAIT_S / 2)
+        for _ in range(3):  # whole turns of the round loop since
+            assert coord.beats.acquire(timeout=60)
+        assert coord.current is None, "opened before the joined devices' first polls had their time"
+        for d in sorted(sessions)[30:]:
+            coord.poll_task(d, sessions[d])
+        _wait_for("round 1 to open", lambda: coord.current is not None, 60)
+        assert sorted(coord.current.assignments) == sample_devices(sorted(sessions), 5, 0, 1, 1)
+    finally:
+        coord.stop()
+        thread.join(30)
+
+
+def test_devices_that_never_polled_are_sampled_only_to_fill_the_round(tmp_path):
+    """40 joined, 5 polled: once the wait for first polls is over, a round of 5 samples exactly those 5."""
+    coord, clock, sessions, thread = _joined_coordinator(tmp_path, 40)
+    try:
+        pollers = sorted(sessions)[::8]
+        for d in pollers:
+            assert coord.poll_task(d, sessions[d]) is None
+        for _ in range(2):  # the round loop has seen enough devices, and started its wait for first polls
+            assert coord.beats.acquire(timeout=60)
+        clock.advance(FIRST_POLL_WAIT_S + 1)
         _wait_for("round 1 to open", lambda: coord.current is not None, 60)
         assert sorted(coord.current.assignments) == pollers
         coord.join(pollers[0], 8, {})  # a rejoin is a new session: not polled under it yet
