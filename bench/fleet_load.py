@@ -184,6 +184,7 @@ async def _device(dev: str, stub: Any, target: str, s: FleetSettings, stop_at: f
         if task.kind == pb.Task.TRAIN:
             got = time.time()
             out["handouts"].append((dev, task.round, got - (task.deadline_unix - s.round_deadline_s)))
+            out["handed_at"][(dev, task.round)] = got
             await _train(dev, session, target, task, left, out)
             continue
         if task.retry_after_ms:
@@ -258,7 +259,9 @@ async def _fleet_part(target: str, ids: list[str], s: FleetSettings, stop_at: fl
 
     out: dict[str, Any] = {"joined": 0, "uploaded": 0, "shutdown": 0, "sent_away": 0, "handouts": [],
                            "join_refused": Counter(), "poll_refused": Counter(), "transfer_failed": Counter(),
-                           "upload_retried": Counter(), "first_refusals": {}}
+                           "upload_retried": Counter(), "first_refusals": {}, "handed_at": {}, "handout_lag": {}}
+    ticks: list[tuple[float, float]] = []  # (time, how late this process's event loop ran a 50 ms sleep)
+    monitor = asyncio.ensure_future(_loop_lag(ticks, stop_at))
     n_ch = max(1, math.ceil(len(ids) / max(1, s.devices_per_channel)))
     # A distinct option per channel: gRPC would otherwise share one subchannel (one TCP connection) among them.
     channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS + [("fedtune.bench.channel", i)])
@@ -269,9 +272,23 @@ async def _fleet_part(target: str, ids: list[str], s: FleetSettings, stop_at: fl
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), max(1.0, stop_at - time.time() + 5))
     except asyncio.TimeoutError:
         out.setdefault("notes", []).append("a device loop outlived its deadline")
+    monitor.cancel()
     for ch in channels:
         await ch.close(grace=None)
+    # A hand-out's latency is the server's and this process's: how late its own loop ran meanwhile.
+    for (dev, rnd), got in out.pop("handed_at").items():
+        lat = next(x for d, r, x in out["handouts"] if d == dev and r == rnd)
+        out["handout_lag"][f"{dev} {rnd}"] = max((late for t, late in ticks if got - lat <= t <= got + 0.2),
+                                                 default=0.0)
+    out["loop_lag_max"] = max((late for _, late in ticks), default=0.0)
     return out
+
+
+async def _loop_lag(ticks: list[tuple[float, float]], stop_at: float, tick: float = 0.05) -> None:
+    while time.time() < stop_at:
+        t0 = time.monotonic()
+        await asyncio.sleep(tick)
+        ticks.append((time.time(), time.monotonic() - t0 - tick))
 
 
 def _worker(target: str, ids: list[str], s: FleetSettings, stop_at: float, q: Any) -> None:
@@ -437,6 +454,8 @@ def run_fleet(s: FleetSettings, workdir: Path | None = None, keep_log: Path | No
             keep_log.write_text(log_text)
         res.rounds_completed = _rounds_completed(out)
     handouts: list[tuple[str, int, float]] = []
+    lags: dict[str, float] = {}
+    loop_lag = 0.0
     for part in parts:
         if "error" in part:
             res.notes.append(f"device process failed: {part['error']}")
@@ -446,6 +465,8 @@ def run_fleet(s: FleetSettings, workdir: Path | None = None, keep_log: Path | No
         res.shutdown_seen += part["shutdown"]
         res.polls_sent_away += part["sent_away"]
         handouts += part["handouts"]
+        lags.update(part.get("handout_lag", {}))
+        loop_lag = max(loop_lag, part.get("loop_lag_max", 0.0))
         res.notes += part.get("notes", [])
         for k, v in part.get("first_refusals", {}).items():
             res.first_refusals.setdefault(k, v)
@@ -461,7 +482,9 @@ def run_fleet(s: FleetSettings, workdir: Path | None = None, keep_log: Path | No
     res.handout_max_s = max(lat) if lat else math.nan
     if handouts:
         d, rnd, worst = max(handouts, key=lambda h: h[2])
-        res.notes.append(f"slowest hand-out: {d} in round {rnd}, {worst:.2f} s")
+        res.notes.append(f"slowest hand-out: {d} in round {rnd}, {worst:.2f} s (its process's event loop ran up "
+                         f"to {lags.get(f'{d} {rnd}', math.nan):.2f} s late meanwhile; at worst in the run "
+                         f"{loop_lag:.2f} s)")
         for r in sorted({r for _, r, _ in handouts}):
             res.handout_p99_by_round[r] = _pct([x for _, rr, x in handouts if rr == r], 0.99)
         res.notes.append("hand-out p99 by round: " + ", ".join(
