@@ -76,7 +76,7 @@ class FleetSettings:
     rounds: int = 2
     devices_per_round: int = 10
     round_deadline_s: float = 30.0
-    poll_seconds: int = 30         # the server's default
+    poll_seconds: int = 60         # the server's default
     procs: int = 4
     devices_per_channel: int = 1   # a connection per device, as a real fleet has
     min_frac: float = 1.0          # share of the fleet that must be connected before round 1 starts
@@ -582,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--devices-per-round", type=int, default=10)
     ap.add_argument("--round-deadline-s", type=float, default=30.0)
-    ap.add_argument("--poll-seconds", type=int, default=30)
+    ap.add_argument("--poll-seconds", type=int, default=60)
     ap.add_argument("--procs", type=int, default=4, help="device processes")
     ap.add_argument("--devices-per-channel", type=int, default=1,
                     help="devices sharing one gRPC channel (one TCP connection); 1: as a real fleet")
