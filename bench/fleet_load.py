@@ -276,8 +276,9 @@ async def _fleet_part(target: str, ids: list[str], s: FleetSettings, stop_at: fl
     for ch in channels:
         await ch.close(grace=None)
     # A hand-out's latency is the server's and this process's: how late its own loop ran meanwhile.
-    for (dev, rnd), got in out.pop("handed_at").items():
-        lat = next(x for d, r, x in out["handouts"] if d == dev and r == rnd)
+    handed_at = out.pop("handed_at")
+    for dev, rnd, lat in out["handouts"]:
+        got = handed_at[(dev, rnd)]
         out["handout_lag"][f"{dev} {rnd}"] = max((late for t, late in ticks if got - lat <= t <= got + 0.2),
                                                  default=0.0)
     out["loop_lag_max"] = max((late for _, late in ticks), default=0.0)

@@ -444,9 +444,10 @@ class Coordinator:
         # queues behind the others' Joins, and a task for it would wait there seconds. A device that has
         # polled is in its poll now, and the round's opening answers it.
         with self.lock:
-            polled = {d for d in alive if self.registry.devices[d].polled}
-        sampled = sample_devices([d for d in alive if d in polled], self.cfg.devices_per_round, self.cfg.seed,
-                                 number, attempt, not_polled=[d for d in alive if d not in polled])
+            ready, not_polled = [], []
+            for d in alive:
+                (ready if self.registry.devices[d].polled else not_polled).append(d)
+        sampled = sample_devices(ready, self.cfg.devices_per_round, self.cfg.seed, number, attempt, not_polled)
         now = self.clock.monotonic()
         with self.lock:
             # The registered samples as of sampling: a rejoin with a larger number cannot raise this round's weight.
